@@ -1,0 +1,94 @@
+"""open_clip models: the project's configs, model creation and the local-dir export.
+
+A custom architecture is an open_clip JSON config (pipeline/models/*.json or a
+user's file), never a new nn.Module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "models"
+_registered: set[str] = set()
+
+
+def resolve_model_name(model: str) -> str:
+    """Register the project's configs (and `model` if it is a JSON path); return its name.
+
+    Called in every process that builds a model: open_clip's registry is per process.
+    """
+    if str(MODEL_CONFIG_DIR) not in _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered.add(str(MODEL_CONFIG_DIR))
+    if model.endswith(".json"):
+        path = Path(model).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {model!r} does not exist")
+        if str(path) not in _registered:
+            open_clip.add_model_config(path)
+            _registered.add(str(path))
+        return path.stem
+    if model not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model {model!r}: not an open_clip model name nor a .json config "
+            f"(e.g. {', '.join(['clip-demo-tiny', 'ViT-B-32', 'RN50'])})"
+        )
+    return model
+
+
+def model_config(model: str) -> dict[str, Any]:
+    return open_clip.get_model_config(resolve_model_name(model))
+
+
+def context_length(model: str) -> int:
+    return int(model_config(model).get("text_cfg", {}).get("context_length", 77))
+
+
+def create_model(model: str, init_temperature: float = 0.07) -> torch.nn.Module:
+    """A freshly initialised open_clip model with logit scale log(1/temperature)."""
+    return open_clip.create_model(
+        resolve_model_name(model), init_logit_scale=math.log(1.0 / init_temperature)
+    )
+
+
+def preprocess_config(model: torch.nn.Module) -> dict[str, Any]:
+    """What open_clip's transforms need, so local-dir loading rebuilds the same preprocessing."""
+    cfg = dict(model.visual.preprocess_cfg)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def export_local_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path) -> Path:
+    """Write open_clip's local-dir layout: open_clip_config.json + open_clip_model.safetensors.
+
+    Loadable with ``open_clip.create_model_and_transforms('local-dir:' + str(out_dir))``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = out_dir / "open_clip_model.safetensors"
+    tmp = out_dir / ".open_clip_model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(weights)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(model)}
+    (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def load_local_dir(path: str | Path) -> tuple[torch.nn.Module, Any, Any]:
+    """(model in eval mode, preprocess, tokenizer) from an exported local-dir."""
+    path = Path(path)
+    if not (path / "open_clip_config.json").is_file():
+        raise FileNotFoundError(f"{path} is not an exported model: no open_clip_config.json")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise FileNotFoundError(f"{path} has open_clip_config.json but no weights (.safetensors)")
+    name = f"local-dir:{path}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(name)
