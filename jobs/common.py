@@ -13,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import PRESETS, PipelineConfig, get_preset  # noqa: E402
-from pipeline.pretrain import Pipeline  # noqa: E402
+from pipeline.modeling import resolve_model_name  # noqa: E402
+from pipeline.pretrain import Pipeline, format_summary  # noqa: E402
 from pipeline.rundir import RunDir, StageConfigMismatch  # noqa: E402
 
 
@@ -24,6 +25,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/PRESET)")
     parser.add_argument(
         "--preset", default="demo", help=f"named configuration: {', '.join(sorted(PRESETS))}"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="open_clip model name or JSON config to tokenize for and train (default: the "
+        "preset's; the demo's is pipeline/models/clip-demo-tiny.json)",
     )
     parser.add_argument("--force", action="store_true", help="redo stages already finished")
     parser.add_argument(
@@ -70,6 +77,16 @@ def _networks(text: str) -> tuple[str, ...]:
 
 def build_config(args: argparse.Namespace) -> PipelineConfig:
     cfg = get_preset(args.preset)
+    if args.model is not None:
+        # The tokenizer must be the trained model's: one flag sets both.
+        resolve_model_name(args.model)
+        cfg = dataclasses.replace(
+            cfg,
+            prepare=dataclasses.replace(
+                cfg.prepare, tokenize=dataclasses.replace(cfg.prepare.tokenize, model=args.model)
+            ),
+            train=dataclasses.replace(cfg.train, model=args.model),
+        )
     if getattr(args, "input", None) is not None:
         prepare = dataclasses.replace(
             cfg.prepare,
@@ -110,15 +127,24 @@ def init_ray(address: str | None) -> None:
     ray.init(address=address, configure_logging=False)
 
 
-def main(run, parser: argparse.ArgumentParser) -> None:
-    """Parse flags and run; bad input ends with one clear line and exit status 2."""
+def run_job(description: str, stages: tuple[str, ...], data: bool, eval_set: bool) -> None:
+    """Parse flags, check inputs before Ray starts, run `stages`, print the summary.
+
+    Bad input ends with one line naming the problem and exit status 2.
+    """
+    parser = base_parser(description)
+    if data:
+        add_data_args(parser)
+    if eval_set:
+        add_eval_args(parser)
     args = parser.parse_args()
     try:
         pipeline = build_pipeline(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    try:
-        run(pipeline, args)
+        pipeline.check_inputs()
+        init_ray(args.address)
+        for stage in stages:
+            getattr(pipeline, stage)()
+        print(format_summary(pipeline.summary()))
     except (ValueError, FileNotFoundError, StageConfigMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

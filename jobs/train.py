@@ -1,15 +1,6 @@
 """Train stage only: RUN/data/shards → Ray Train (TorchTrainer) → RUN/train, exported to RUN/model."""
 
-from common import base_parser, init_ray, main
-
-from pipeline.pretrain import format_summary
-
-
-def run(pipeline, args):
-    init_ray(args.address)
-    pipeline.train()
-    print(format_summary(pipeline.summary()))
-
+from common import run_job
 
 if __name__ == "__main__":
-    main(run, base_parser(__doc__))
+    run_job(__doc__, stages=("train",), data=False, eval_set=False)

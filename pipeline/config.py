@@ -54,7 +54,10 @@ class DownloadConfig:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    """Predicates applied after download; every drop is counted and kept in rejects."""
+    """Predicates applied after download; every drop is counted and kept in rejects.
+
+    Duplicate URLs are always dropped before download: a sample's key derives from its URL.
+    """
 
     min_image_side: int = 32  # on the original image: smaller ones are thumbnails or icons
     max_aspect_ratio: float = 3.0  # banners and strips teach nothing about objects
@@ -62,7 +65,6 @@ class FilterConfig:
     max_caption_chars: int = 1_000
     min_caption_words: int = 2  # a bare word is a label, not a caption
     caption_blocklist: tuple[str, ...] = ()  # regular expressions, matched case-insensitively
-    dedup_urls: bool = True
     dedup_images: bool = True  # exact duplicates by sha256 of the downloaded bytes
 
 

@@ -99,14 +99,13 @@ def filter_batch(batch: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
     start = time.perf_counter()
     predicates = build_predicates(from_dict(FilterConfig, config))
     batch = batch.copy()
-    columns = batch.columns.get_indexer(["stage", "reason", "error", "jpg"])
-    for i, row in enumerate(batch.to_dict("records")):
+    for index, row in zip(batch.index, batch.to_dict("records"), strict=True):
         if not pd.isna(row["reason"]):
             continue
         for predicate in predicates:
             keep, reason, detail = predicate(row)
             if not keep:
-                batch.iloc[i, columns] = ["filter", reason, detail, None]
+                batch.loc[index, ["stage", "reason", "error", "jpg"]] = ["filter", reason, detail, None]
                 break
     batch["filter_seconds"] = (time.perf_counter() - start) / max(1, len(batch))
     return batch

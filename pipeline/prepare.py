@@ -54,18 +54,32 @@ def _list_inputs(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     return fs, [root]
 
 
-def _read_one(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
+def _read_one(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
+    """One URL list file; `columns` are read as text, never guessed as numbers or dates."""
     kind = READERS[os.path.splitext(path)[1].lower()]
     try:
         with fs.open(path, "rb") as f:
             if kind == "parquet":
-                return pq.read_table(f)
-            if kind == "json":
-                return pa_json.read_json(f)
-            delimiter = "\t" if kind == "tsv" else ","
-            return pa_csv.read_csv(f, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+                table = pq.read_table(f)
+            elif kind == "json":
+                table = pa_json.read_json(f)
+            else:
+                table = pa_csv.read_csv(
+                    f,
+                    parse_options=pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ","),
+                    convert_options=pa_csv.ConvertOptions(
+                        column_types={c: pa.string() for c in columns},
+                        strings_can_be_null=True,  # an empty cell is a missing caption
+                    ),
+                )
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"cannot read URL list {path!r} as {kind}: {err}") from err
+    for c in columns:
+        if c in table.column_names and table[c].type != pa.string():
+            table = table.set_column(
+                table.column_names.index(c), c, table[c].cast(pa.string())
+            )
+    return table
 
 
 def read_url_list(path: str, url_col: str = "url", caption_col: str = "caption") -> pd.DataFrame:
@@ -73,7 +87,7 @@ def read_url_list(path: str, url_col: str = "url", caption_col: str = "caption")
     fs, files = _list_inputs(path)
     frames = []
     for file in files:
-        table = _read_one(fs, file)
+        table = _read_one(fs, file, [url_col, caption_col])
         missing = [c for c in (url_col, caption_col) if c not in table.column_names]
         if missing:
             raise ValueError(
@@ -87,9 +101,8 @@ def read_url_list(path: str, url_col: str = "url", caption_col: str = "caption")
     urls = pd.concat(frames, ignore_index=True)
     if urls.empty:
         raise ValueError(f"URL list {path!r} is empty: no rows to download")
-    # Types vary by format (a numeric caption column in CSV); the contract is strings or null.
-    for col in ("url", "caption"):
-        urls[col] = [None if pd.isna(v) else str(v) for v in urls[col]]
+    for col in ("url", "caption"):  # strings or None, whatever the format's null marker
+        urls[col] = [None if pd.isna(v) else v for v in urls[col]]
     return urls
 
 
@@ -204,6 +217,7 @@ def run_prepare(urls: pd.DataFrame, run: RunDir, cfg: PrepareConfig) -> dict[str
 
     # Input order in, input order out: "first occurrence wins" must not depend on timing.
     ctx = ray.data.DataContext.get_current()
+    preserve_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     dl = cfg.download
     # One block per download batch, made here: a repartition would be an all-to-all step.
@@ -234,6 +248,18 @@ def run_prepare(urls: pd.DataFrame, run: RunDir, cfg: PrepareConfig) -> dict[str
         )
     )
     seen_images = Deduplicator("duplicate_image") if cfg.filters.dedup_images else None
+    try:
+        _write_outputs(ds, seen_images, funnel, shards, rejects)
+    finally:
+        ctx.execution_options.preserve_order = preserve_order
+    stats = funnel.report(len(urls), shards.rows, time.perf_counter() - start)
+    stats["shards"] = shards.files
+    write_json_atomic(run.stats_path, stats)
+    return stats
+
+
+def _write_outputs(ds, seen_images, funnel: _Funnel, shards: _ShardWriter, rejects: _ShardWriter):
+    """Consume the stream in input order: image dedup, then each row to shards or rejects."""
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
         for stage in ("download", "filter", "tokenize"):
             funnel.seconds[stage] += float(batch[f"{stage}_seconds"].sum())
@@ -250,10 +276,6 @@ def run_prepare(urls: pd.DataFrame, run: RunDir, cfg: PrepareConfig) -> dict[str
                 rejects.add({**row, "error": None if pd.isna(row["error"]) else row["error"]})
     shards.flush()
     rejects.flush()
-    stats = funnel.report(len(urls), shards.rows, time.perf_counter() - start)
-    stats["shards"] = shards.files
-    write_json_atomic(run.stats_path, stats)
-    return stats
 
 
 def format_funnel(stats: dict[str, Any]) -> str:

@@ -46,10 +46,22 @@ class Pipeline:
     eval_dataset: str | None = None  # None: the demo's eval folder
     force: bool = False
     log: Any = print
+    _urls: Any = dataclasses.field(default=None, init=False, repr=False)
     _forced: set[str] = dataclasses.field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self):
         self.run.root.mkdir(parents=True, exist_ok=True)
+
+    def check_inputs(self) -> None:
+        """Fail fast, before Ray starts, on what the user can fix: the URL list, the eval set."""
+        from pipeline.evaluate import load_image_folder
+        from pipeline.prepare import read_url_list
+
+        if self.input_path is not None:
+            p = self.cfg.prepare
+            self._urls = read_url_list(self.input_path, p.url_col, p.caption_col)
+        if self.eval_dataset is not None:
+            load_image_folder(self.eval_dataset, self.cfg.eval.classnames, self.cfg.eval.templates)
 
     # -- demo corpus -------------------------------------------------------------------------
     def demo(self) -> dict[str, Any]:
@@ -97,7 +109,11 @@ class Pipeline:
         return False
 
     def _prepare_hash(self) -> str:
-        source = self.input_path or f"demo:{config_hash(self.cfg.demo)}"
+        source = f"demo:{config_hash(self.cfg.demo)}"
+        if self.input_path is not None:
+            # The same list named by another relative path is the same input.
+            is_local = "://" not in self.input_path
+            source = str(Path(self.input_path).resolve()) if is_local else self.input_path
         return _chain(config_hash(self.cfg.prepare), source)
 
     def prepare(self) -> dict[str, Any]:
@@ -108,7 +124,9 @@ class Pipeline:
             return json.loads(self.run.stats_path.read_text())
         with self._url_list() as (path, cfg):
             p = cfg.prepare
-            urls = read_url_list(path, p.url_col, p.caption_col)
+            urls = self._urls if self._urls is not None and path == self.input_path else None
+            if urls is None:
+                urls = read_url_list(path, p.url_col, p.caption_col)
             self.log(f"[prepare] {len(urls)} rows from {path}")
             stats = run_prepare(urls, self.run, p)
         self.log(format_funnel(stats))
