@@ -78,14 +78,16 @@ def _networks(text: str) -> tuple[str, ...]:
 def build_config(args: argparse.Namespace) -> PipelineConfig:
     cfg = get_preset(args.preset)
     if args.model is not None:
+        # Workers may run elsewhere than this process's directory: a config file goes absolute.
+        model = str(Path(args.model).resolve()) if args.model.endswith(".json") else args.model
+        resolve_model_name(model)
         # The tokenizer must be the trained model's: one flag sets both.
-        resolve_model_name(args.model)
         cfg = dataclasses.replace(
             cfg,
             prepare=dataclasses.replace(
-                cfg.prepare, tokenize=dataclasses.replace(cfg.prepare.tokenize, model=args.model)
+                cfg.prepare, tokenize=dataclasses.replace(cfg.prepare.tokenize, model=model)
             ),
-            train=dataclasses.replace(cfg.train, model=args.model),
+            train=dataclasses.replace(cfg.train, model=model),
         )
     if getattr(args, "input", None) is not None:
         prepare = dataclasses.replace(
@@ -101,9 +103,7 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
         download = dataclasses.replace(
             cfg.prepare.download, allowed_networks=_networks(args.allowed_networks)
         )
-        cfg = dataclasses.replace(
-            cfg, prepare=dataclasses.replace(cfg.prepare, download=download)
-        )
+        cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, download=download))
     return cfg
 
 

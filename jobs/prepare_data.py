@@ -1,4 +1,4 @@
-"""Prepare stage only: URL list → download → filter → tokenize → RUN/data (shards, rejects, stats)."""
+"""Prepare stage only: URL list → download → filter → tokenize → RUN/data."""
 
 from common import run_job
 

@@ -1,7 +1,7 @@
 """The whole path: (demo corpus →) prepare → train → export → zero-shot eval → summary.
 
-    python jobs/pretrain.py                      # the built-in demo on this machine
-    ray job submit --working-dir . -- python jobs/pretrain.py --preset tiny
+python jobs/pretrain.py                      # the built-in demo on this machine
+ray job submit --working-dir . -- python jobs/pretrain.py --preset tiny
 """
 
 from common import run_job

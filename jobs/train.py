@@ -1,4 +1,4 @@
-"""Train stage only: RUN/data/shards → Ray Train (TorchTrainer) → RUN/train, exported to RUN/model."""
+"""Train stage only: RUN/data/shards → Ray Train → RUN/train, exported to RUN/model."""
 
 from common import run_job
 

@@ -105,7 +105,12 @@ def filter_batch(batch: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
         for predicate in predicates:
             keep, reason, detail = predicate(row)
             if not keep:
-                batch.loc[index, ["stage", "reason", "error", "jpg"]] = ["filter", reason, detail, None]
+                batch.loc[index, ["stage", "reason", "error", "jpg"]] = [
+                    "filter",
+                    reason,
+                    detail,
+                    None,
+                ]
                 break
     batch["filter_seconds"] = (time.perf_counter() - start) / max(1, len(batch))
     return batch

@@ -76,9 +76,7 @@ def _read_one(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> p
         raise ValueError(f"cannot read URL list {path!r} as {kind}: {err}") from err
     for c in columns:
         if c in table.column_names and table[c].type != pa.string():
-            table = table.set_column(
-                table.column_names.index(c), c, table[c].cast(pa.string())
-            )
+            table = table.set_column(table.column_names.index(c), c, table[c].cast(pa.string()))
     return table
 
 
@@ -229,7 +227,7 @@ def run_prepare(urls: pd.DataFrame, run: RunDir, cfg: PrepareConfig) -> dict[str
             fn_constructor_args=(dataclasses.asdict(dl),),
             batch_format="pandas",
             batch_size=dl.batch_size,
-            concurrency=dl.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=dl.concurrency),
             # Downloading waits on the network most of the time: half a CPU per actor.
             num_cpus=0.5,
         )
@@ -243,7 +241,7 @@ def run_prepare(urls: pd.DataFrame, run: RunDir, cfg: PrepareConfig) -> dict[str
             TokenizeStage,
             fn_constructor_args=(dataclasses.asdict(cfg.tokenize),),
             batch_format="pandas",
-            concurrency=1,
+            compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.25,
         )
     )

@@ -77,7 +77,7 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _url_list(self) -> Iterator[tuple[str, PipelineConfig]]:
-        """The URL list to prepare, and the config to prepare it with (the demo allows its server)."""
+        """The URL list to prepare and the config for it (the demo allows its own server)."""
         if self.input_path is not None:
             yield self.input_path, self.cfg
             return

@@ -67,9 +67,7 @@ def build_train_dataset(shards: Path, model: str, cpus_per_task: float = 0.25):
     import ray
 
     return (
-        ray.data.read_parquet(
-            str(shards), columns=["jpg", "tokens"], ray_remote_args={"num_cpus": cpus_per_task}
-        )
+        ray.data.read_parquet(str(shards), columns=["jpg", "tokens"], num_cpus=cpus_per_task)
         .randomize_block_order()
         .map_batches(
             decode_images,

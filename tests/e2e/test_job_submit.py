@@ -128,9 +128,7 @@ def test_submit_tiny_pipeline(ray_head, tmp_path):
     assert direct == pytest.approx(results["top1"], abs=0.008)
 
     # Rerunning the same run directory skips every finished stage.
-    rerun = subprocess.run(
-        submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    rerun = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     for stage in ("prepare", "train", "eval"):
         assert f"[{stage}] already finished" in rerun.stdout
@@ -154,7 +152,10 @@ def _direct_zero_shot_top1(model_dir: Path, eval_dir: Path) -> float:
     with torch.no_grad():
         for label, folder in enumerate(folders):
             images = torch.stack(
-                [preprocess(Image.open(p).convert("RGB")) for p in sorted((eval_dir / folder).iterdir())]
+                [
+                    preprocess(Image.open(p).convert("RGB"))
+                    for p in sorted((eval_dir / folder).iterdir())
+                ]
             )
             features = model.encode_image(images, normalize=True)
             predictions = (features @ classifier).argmax(dim=1).numpy()

@@ -21,7 +21,12 @@ from pipeline.train import CHECKPOINT_FILE, run_training
 
 pytestmark = pytest.mark.integration
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 30),
+    "blue": (30, 30, 220),
+    "yellow": (230, 220, 30),
+}
 
 
 def _write_shards(directory, n: int, files: int = 3) -> None:

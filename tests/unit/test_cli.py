@@ -82,3 +82,21 @@ def test_bad_allowed_network(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "10.0.0.0/99" in result.stderr
+
+
+def test_unknown_model_is_refused(tmp_path):
+    result = _run("jobs/train.py", "--model", "ViT-Z-99", "--run-dir", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert "unknown model 'ViT-Z-99'" in result.stderr
+
+
+def test_model_flag_sets_tokenizer_and_trainer_alike(tmp_path):
+    import argparse
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    from common import build_config
+
+    config = REPO / "pipeline" / "models" / "clip-demo-vit-tiny.json"
+    args = argparse.Namespace(preset="tiny", model=str(config), input=None, allowed_networks="")
+    cfg = build_config(args)
+    assert cfg.train.model == cfg.prepare.tokenize.model == str(config.resolve())
