@@ -67,7 +67,8 @@ def build_train_dataset(shards: Path, model: str, cpus_per_task: float = 0.25):
     import ray
 
     return (
-        ray.data.read_parquet(str(shards), columns=["jpg", "tokens"], num_cpus=cpus_per_task)
+        ray.data.read_parquet(str(shards), num_cpus=cpus_per_task)
+        .select_columns(["jpg", "tokens"])
         .randomize_block_order()
         .map_batches(
             decode_images,
