@@ -6,7 +6,9 @@ user's file), never a new nn.Module.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -51,11 +53,25 @@ def context_length(model: str) -> int:
     return int(model_config(model).get("text_cfg", {}).get("context_length", 77))
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    # open_clip logs each creation step, and warns "no pretrained weights" on the root
+    # logger; training from scratch (or loading our own checkpoint next) is the point here.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def create_model(model: str, init_temperature: float = 0.07) -> torch.nn.Module:
     """A freshly initialised open_clip model with logit scale log(1/temperature)."""
-    return open_clip.create_model(
-        resolve_model_name(model), init_logit_scale=math.log(1.0 / init_temperature)
-    )
+    with _quiet_root_logger():
+        return open_clip.create_model(
+            resolve_model_name(model), init_logit_scale=math.log(1.0 / init_temperature)
+        )
 
 
 def preprocess_config(model: torch.nn.Module) -> dict[str, Any]:
