@@ -1,14 +1,18 @@
 """Zero-shot classification and image-text retrieval of an exported open_clip model.
 
-Image embeddings come from Ray Data batch inference (an actor pool, each actor loads the
-model once); the text side (the zero-shot classifier, captions) is small and is encoded once
-on the driver. Metrics are pure functions of logits and labels, testable without Ray.
-The caller starts Ray; paths (model dir, image folder) must be readable on every node.
+The model is an exported local-dir (RUN/model) or an open_clip architecture with a local
+checkpoint file (`resolve_model`). The data is an image folder (one sub-folder per class) or a
+Parquet file of image bytes and labels (`load_dataset`); retrieval reads a Parquet of images and
+captions. Image embeddings come from Ray Data batch inference (an actor pool, each actor loads
+the model once, one GPU each when asked); the text side (the zero-shot classifier, captions) is
+small and is encoded once on the driver. Metrics are pure functions of logits and labels,
+testable without Ray. The caller starts Ray; paths (model, data) must be readable on every node.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
@@ -18,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import open_clip
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
 
 from pipeline.config import EvalConfig
-from pipeline.modeling import load_local_dir
+from pipeline.modeling import load_local_dir, resolve_model_name
 
 # torchvision's ImageFolder extensions (IMG_EXTENSIONS), matched case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -71,22 +76,86 @@ def resolve_templates(spec: str | None, root: Path | None = None) -> list[Any]:
     return [functools.partial(_fill, line) for line in lines]
 
 
-def resolve_classnames(spec: str | None, root: Path, folders: list[str]) -> list[str]:
-    """'imagenet', a file, or (None) root/classnames.txt, else folder names with _ as spaces."""
-    if spec is None and (root / "classnames.txt").is_file():
-        spec = str(root / "classnames.txt")
+@functools.lru_cache(maxsize=1)
+def imagenet_synsets() -> tuple[str, ...]:
+    """ImageNet-1k synset ids (n01440764, ...) in class-index order, which is open_clip's
+    IMAGENET_CLASSNAMES order. open_clip does not ship them; timm (which open_clip requires)
+    does. Empty if timm is missing: then only a full 1000-folder layout maps by position."""
+    try:
+        from timm.data import ImageNetInfo
+    except ImportError:
+        return ()
+    return tuple(ImageNetInfo("imagenet-1k").label_names())
+
+
+def _imagenet_classnames(keys: list[str], where: Any, what: str) -> list[str]:
+    names = list(open_clip.IMAGENET_CLASSNAMES)
+    index = {synset: i for i, synset in enumerate(imagenet_synsets())}
+    # Synset-named classes map by id, so a partial copy of ImageNet (any subset) works; the
+    # classifier then holds only the classes present, as for any other folder.
+    if index and all(k in index for k in keys):
+        return [names[index[k]] for k in keys]
+    if len(keys) == len(names):  # 1000 classes named otherwise: sorted order is class order
+        return names
+    unknown = [k for k in keys if k not in index]
+    raise ValueError(
+        f"open_clip's IMAGENET_CLASSNAMES has {len(names)} class names but {where} has "
+        f"{len(keys)} {what}, and {len(unknown)} of them are not ImageNet-1k synset ids "
+        f"(n01440764, ...): {unknown[:5]}; name the folders by synset id, or pass a "
+        "classnames file"
+    )
+
+
+def _read_classnames_file(path: Path) -> list[str] | dict[str, str]:
+    """One name per line, or JSON: a list of names or {folder or label: name}."""
+    if path.suffix.lower() != ".json":
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values()):
+            return {str(k): v for k, v in raw.items()}
+        if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+            raise ValueError(f"{path}: expected a JSON list of names or {{folder: name}}")
+        names = [v.strip() for v in raw]
+    if not names:
+        raise ValueError(f"{path}: no class names")
+    return names
+
+
+def resolve_classnames(
+    spec: str | None, root: Path | None, folders: list[str], what: str = "class folders"
+) -> list[str]:
+    """'imagenet', a names file (.txt lines in sorted folder order, or .json list / mapping),
+    or (None) root/classnames.txt or .json, else the folder names with _ as spaces.
+
+    `folders` are the class keys in label order: folder names, or a Parquet's string labels.
+    """
+    where = root
+    if spec is None and root is not None:
+        found = [root / f for f in ("classnames.txt", "classnames.json") if (root / f).is_file()]
+        spec = str(found[0]) if found else None
     if spec is None:
         return [name.replace("_", " ") for name in folders]
     if spec == "imagenet":
-        names, source = list(open_clip.IMAGENET_CLASSNAMES), "open_clip's IMAGENET_CLASSNAMES"
-    else:
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"classnames {spec!r}: not 'imagenet' nor an existing file")
-        names = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
-        source = spec
+        return _imagenet_classnames(folders, where, what)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"classnames {spec!r}: not 'imagenet' nor an existing file")
+    names = _read_classnames_file(path)
+    if isinstance(names, dict):
+        missing = [f for f in folders if f not in names]
+        if missing:
+            raise ValueError(
+                f"{path} names {len(folders) - len(missing)} of the {len(folders)} {what} in "
+                f"{where}; missing: {missing[:5]}"
+            )
+        return [names[f] for f in folders]
     if len(names) != len(folders):
         raise ValueError(
-            f"{source} has {len(names)} class names but {root} has {len(folders)} class folders"
+            f"{spec} has {len(names)} class names but {where} has {len(folders)} {what}"
         )
     return names
 

@@ -247,6 +247,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f" top5 {pct('top5')}"
         )
     lines.append("outputs:")
-    lines.extend(f"  {name:<12} {path}" for name, path in p.items())
+    lines.extend(
+        f"  {name:<12} {path}" + ("" if Path(path).exists() or name == "summary" else "  (not yet)")
+        for name, path in p.items()
+    )
     lines.append(f"TensorBoard: tensorboard --logdir {p['tensorboard']} --host 127.0.0.1")
     return "\n".join(lines)
