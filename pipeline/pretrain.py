@@ -168,7 +168,12 @@ class Pipeline:
         raise ValueError("no eval dataset: pass --eval-dataset (an image folder, one per class)")
 
     def evaluate(self) -> dict[str, Any]:
-        from pipeline.evaluate import evaluate_retrieval, evaluate_zero_shot, format_markdown
+        from pipeline.evaluate import (
+            evaluate_retrieval,
+            evaluate_zero_shot,
+            format_markdown,
+            write_tensorboard,
+        )
 
         dataset, retrieval = self._eval_paths()
         upstream = (self.run.stage("train") or {}).get("config_hash", "external")
@@ -184,6 +189,9 @@ class Pipeline:
             results.update(evaluate_retrieval(self.run.model, retrieval, self.cfg.eval))
         results["dataset"] = str(dataset)
         write_json_atomic(self.run.eval_results_path, results)
+        # At the last training step, so runs compare on one axis in TensorBoard.
+        step = (self.run.stage("train") or {}).get("metrics", {}).get("step", 0)
+        write_tensorboard(results, self.run.root / "eval" / "tensorboard", step=int(step))
         self.log(format_markdown(results))
         self.run.mark_done("eval", h, top1=results["top1"])
         return results
