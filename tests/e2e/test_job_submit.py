@@ -1,101 +1,40 @@
 """End to end, as a user runs it: `ray start --head` on 127.0.0.1 with token authentication,
-then `ray job submit --working-dir . -- python jobs/pretrain.py --preset tiny`."""
+then `ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . -- python
+jobs/pretrain.py --preset tiny`, as README.md's cluster section says."""
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import signal
-import socket
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from local_cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _kill_cluster(temp_dir: str) -> None:
-    """Stop only this test's Ray processes: `ray stop` would also kill other local clusters."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if temp_dir in cmdline:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
-    temp_dir = tempfile.mkdtemp(prefix="e2e-ray-", dir="/tmp")
-    gcs, dashboard, *others = _free_ports(9)
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    start = [
-        "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        # Explicit ports: another local Ray (the integration tests') holds the defaults.
-        f"--dashboard-agent-listen-port={others[0]}", f"--dashboard-agent-grpc-port={others[1]}",
-        f"--runtime-env-agent-port={others[2]}", f"--metrics-export-port={others[3]}",
-        f"--ray-client-server-port={others[4]}", f"--node-manager-port={others[5]}",
-        f"--object-manager-port={others[6]}",
-        "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]  # fmt: skip
+    cluster = LocalCluster(head_cpus=2)
     try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
-        address = f"http://127.0.0.1:{dashboard}"
-        _wait_for_job_agent(address, env)
-        yield address, env
+        cluster.start()
+        cluster.wait_for_job_agent()
+        yield cluster.dashboard_url, cluster.env
     finally:
-        _kill_cluster(temp_dir)
-
-
-def _wait_for_job_agent(address: str, env: dict[str, str]) -> None:
-    """The head answers before its job agent is up; submitting then fails with a 500."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        probe = subprocess.run(
-            ["ray", "job", "list", "--address", address], env=env, capture_output=True, text=True
-        )
-        if probe.returncode == 0:
-            return
-        time.sleep(2)
-    raise AssertionError(f"Ray job API at {address} never came up: {probe.stderr[-2000:]}")
+        cluster.shutdown()
 
 
 def test_submit_tiny_pipeline(ray_head, tmp_path):
     address, env = ray_head
     run_dir = tmp_path / "run"
     submit = [
-        "ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+        "ray", "job", "submit", "--address", address, "--runtime-env", "cluster/runtime_env.yaml",
+        "--working-dir", ".", "--",
         "python", "jobs/pretrain.py", "--preset", "tiny", "--run-dir", str(run_dir),
     ]  # fmt: skip
     job = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -132,6 +71,33 @@ def test_submit_tiny_pipeline(ray_head, tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     for stage in ("prepare", "train", "eval"):
         assert f"[{stage}] already finished" in rerun.stdout
+
+
+def test_submission_without_the_right_token_is_refused(ray_head, tmp_path):
+    address, env = ray_head
+    # No token at all: neither RAY_AUTH_TOKEN nor ~/.ray/auth_token (HOME is an empty folder).
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    no_token["HOME"] = str(tmp_path)
+    wrong_token = {**env, "RAY_AUTH_TOKEN": "0" * 64}
+    for attempt in (no_token, wrong_token):
+        submit = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--", "echo", "owned"],
+            cwd=tmp_path,
+            env=attempt,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        output = submit.stdout + submit.stderr
+        assert submit.returncode != 0, output[-2000:]
+        assert "owned" not in submit.stdout
+        assert "401" in output or "nauthorized" in output or "authentication" in output.lower()
+    # Nothing ran: the cluster's own job list (read with the token) has no such job.
+    listing = subprocess.run(
+        ["ray", "job", "list", "--address", address], env=env, capture_output=True, text=True
+    )
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    assert "echo owned" not in listing.stdout
 
 
 def _direct_zero_shot_top1(model_dir: Path, eval_dir: Path) -> float:

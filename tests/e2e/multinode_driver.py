@@ -1,0 +1,88 @@
+"""Driver of test_cluster_multinode: the tiny preset's prepare and train against a running
+cluster, as one Ray job, then what Ray's state API says ran where, as one JSON line after
+`RESULT `.
+
+Training spreads its workers over the nodes (placement SPREAD) and runs long enough to be
+interrupted; everything else is the tiny preset as `jobs/pretrain.py --preset tiny` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pipeline.config import get_preset  # noqa: E402
+from pipeline.pretrain import Pipeline  # noqa: E402
+from pipeline.rundir import RunDir  # noqa: E402
+
+
+def _state(job_id: str, dashboard: str) -> dict:
+    from ray.util.state import list_actors, list_tasks
+
+    # Task events reach the GCS in batches, a second or so after the tasks ran.
+    time.sleep(3)
+    tasks = list_tasks(dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10_000)
+    actors = list_actors(dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=10_000)
+    return {
+        "tasks": [
+            {"name": t.name, "node_id": t.node_id, "resources": t.required_resources}
+            for t in tasks
+            if t.node_id
+        ],
+        "actors": [
+            {
+                "class_name": a.class_name,
+                "node_id": a.node_id,
+                "state": a.state,
+                "placement_group_id": a.placement_group_id,
+                "resources": a.required_resources,
+            }
+            for a in actors
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--dashboard", required=True, help="the state API's address")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--checkpoint-every", type=int, default=4)
+    args = parser.parse_args()
+
+    cfg = get_preset("tiny")
+    train = dataclasses.replace(
+        cfg.train,
+        placement_strategy="SPREAD",
+        max_steps=args.max_steps,
+        checkpoint_every_steps=args.checkpoint_every,
+        log_every_steps=1,  # every step in TensorBoard: the restored attempt's first step shows
+        zeroshot_every_steps=0,
+    )
+    cfg = dataclasses.replace(cfg, train=train)
+
+    import ray
+
+    ray.init(address=args.address, configure_logging=False, log_to_driver=False)
+    pipeline = Pipeline(cfg=cfg, run=RunDir.at(args.run_dir))
+    prepared = pipeline.prepare()
+    trained = pipeline.train()
+    job_id = ray.get_runtime_context().get_job_id()
+    report = {
+        "prepare": prepared,
+        "train": trained,
+        "driver_node": ray.get_runtime_context().get_node_id(),
+        **_state(job_id, args.dashboard),
+    }
+    print("RESULT " + json.dumps(report, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
