@@ -17,14 +17,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.client
+import importlib
+import importlib.util
 import io
 import ipaddress
 import math
 import os
 import socket
 import ssl
+import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -56,12 +60,28 @@ def user_agent(token: str | None) -> str:
     return agent
 
 
+@functools.cache
 def _img2dataset():
-    # Imported on first use: importing img2dataset costs seconds (webdataset, albumentations,
-    # ...), and albumentations checks PyPI for updates on import unless told not to.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import downloader, resizer
+    """img2dataset's downloader and resizer modules, without its package __init__.
 
+    ``import img2dataset`` loads its whole CLI (writers, webdataset, torch): 5-15 s in every
+    download actor, for two functions. The two modules are loaded under a bare package
+    instead, which is then removed, so a later ``import img2dataset`` still gets the real one.
+    albumentations checks PyPI for updates on import unless told not to.
+    """
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if "img2dataset" in sys.modules:  # already imported in full
+        from img2dataset import downloader, resizer
+
+        return downloader, resizer
+    package = types.ModuleType("img2dataset")
+    package.__path__ = list(importlib.util.find_spec("img2dataset").submodule_search_locations)
+    sys.modules["img2dataset"] = package
+    try:
+        downloader = importlib.import_module("img2dataset.downloader")
+        resizer = importlib.import_module("img2dataset.resizer")
+    finally:
+        del sys.modules["img2dataset"]
     return downloader, resizer
 
 
@@ -314,6 +334,7 @@ class ImageResult:
     original_width: int | None = None
     original_height: int | None = None
     sha256: str | None = None  # of the downloaded bytes, for exact-duplicate filtering
+    phash: str | None = None  # perceptual hash, for near-duplicates and decontamination
     reason: str | None = None
     error: str | None = None
 
@@ -330,26 +351,121 @@ def make_resizer(cfg: DownloadConfig) -> Any:
     )
 
 
-def process_image(body: bytes, cfg: DownloadConfig, resizer: Any) -> ImageResult:
-    """Validate downloaded bytes from their header, then resize them with img2dataset."""
+def _resized_shape(resizer: Any, width: int, height: int) -> tuple[int, int] | None:
+    """(height, width) img2dataset's Resizer scales a ``width`` x ``height`` image to before
+    cropping or padding, when that is a downscale; None when it keeps the size or upscales.
+
+    albumentations' SmallestMaxSize / LongestMaxSize arithmetic (scale = size / side, each side
+    rounded), computed here: building the transforms per image costs more than resizing.
+    """
+    mode = resizer.resize_mode.name
+    if mode in ("keep_ratio", "center_crop"):
+        side = min(width, height)
+    elif mode in ("border", "keep_ratio_largest"):
+        side = max(width, height)
+    else:
+        return None
+    if side <= resizer.image_size:
+        return None
+    scale = resizer.image_size / side
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+@functools.cache
+def _pad_to_square(size: int) -> Any:
+    """The Resizer's border padding (white, centred), built once per size."""
+    import albumentations as A
+    import cv2
+
+    return A.PadIfNeeded(
+        min_height=size,
+        min_width=size,
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=[255, 255, 255],  # the Resizer's white border (it passes the older `value`)
+        p=1.0,
+    )
+
+
+def _fast_resize(im: Image.Image, resizer: Any) -> tuple[bytes, int, int, Image.Image] | None:
+    """img2dataset's resize of a JPEG, decoded at reduced scale: (encoded, w, h, decoded).
+
+    libjpeg scales by 1/2, 1/4 or 1/8 while decoding (an averaging of DCT blocks), to the
+    smallest size still at least the target; the Resizer's own interpolation then takes it to
+    exactly the size it would give from the full-size decode, and the crop or padding and the
+    encoding are the Resizer's. None when it would not save work: not a JPEG, not RGB or grey
+    (CMYK conversions differ from OpenCV's), or not a downscale by at least 2. It runs outside
+    the Resizer's stdout-swapping lock, so an actor's threads resize in parallel.
+    """
+    import cv2
+
+    width, height = im.size
+    shape = _resized_shape(resizer, width, height)
+    if im.format != "JPEG" or im.mode not in ("RGB", "L") or shape is None:
+        return None
+    if min(width / shape[1], height / shape[0]) < 2:
+        return None
+    im.draft(im.mode, (shape[1], shape[0]))
+    im.load()
+    pixels = np.asarray(im)
+    if pixels.ndim == 3:
+        pixels = pixels[:, :, ::-1]  # OpenCV's channel order
+    img = cv2.resize(pixels, (shape[1], shape[0]), interpolation=resizer.downscale_interpolation)
+    size = resizer.image_size
+    if resizer.resize_mode.name == "center_crop":  # albumentations' CenterCrop coordinates
+        top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+        img = img[top : top + size, left : left + size]
+    elif resizer.resize_mode.name == "border":
+        img = _pad_to_square(size)(image=img)["image"]
+    ok, encoded = cv2.imencode(f".{resizer.encode_format}", img, params=resizer.encode_params)
+    if not ok:
+        raise ValueError("encoding failed")
+    return encoded.tobytes(), img.shape[1], img.shape[0], im
+
+
+def _phash_of(body: bytes) -> str:
+    from pipeline.filters import perceptual_hash
+
+    with Image.open(io.BytesIO(body)) as im:
+        im.draft("RGB", (64, 64))  # the hash looks at 32x32: no need for a full-size decode
+        return perceptual_hash(im)
+
+
+def process_image(
+    body: bytes, cfg: DownloadConfig, resizer: Any, perceptual_hash: bool = False
+) -> ImageResult:
+    """Validate downloaded bytes from their header, then resize them with img2dataset's
+    semantics (reduced-scale JPEG decoding when ``cfg.fast_resize``); optionally the pHash."""
     try:
-        with Image.open(io.BytesIO(body)) as im:  # parses the header only, decodes nothing
-            fmt, (width, height) = im.format, im.size
+        im = Image.open(io.BytesIO(body))  # parses the header only, decodes nothing
+        fmt, (width, height) = im.format, im.size
     except Image.DecompressionBombError as err:
         return ImageResult(reason="too_many_pixels", error=str(err))
     except Exception as err:  # PIL raises many types on garbage: it is all "not an image"
         return ImageResult(reason="not_an_image", error=f"{type(err).__name__}: {err}")
-    if width * height > cfg.max_pixels:  # refused before decoding: decompression bombs
-        return ImageResult(
-            reason="too_many_pixels", error=f"{width}x{height} > {cfg.max_pixels} pixels"
-        )
-    # OpenCV decodes a cut-off JPEG without complaint, grey below the cut.
-    if fmt in ("JPEG", "MPO") and not body.rstrip(b"\x00 \t\r\n").endswith(b"\xff\xd9"):
-        return ImageResult(reason="truncated_image", error="JPEG has no end-of-image marker")
-    with _RESIZER_LOCK:
-        encoded, w, h, ow, oh, err = resizer(io.BytesIO(body))
-    if err is not None or encoded is None:
-        return ImageResult(reason="decode_error", error=str(err))
+    with im:
+        if width * height > cfg.max_pixels:  # refused before decoding: decompression bombs
+            return ImageResult(
+                reason="too_many_pixels", error=f"{width}x{height} > {cfg.max_pixels} pixels"
+            )
+        # OpenCV decodes a cut-off JPEG without complaint, grey below the cut.
+        if fmt in ("JPEG", "MPO") and not body.rstrip(b"\x00 \t\r\n").endswith(b"\xff\xd9"):
+            return ImageResult(reason="truncated_image", error="JPEG has no end-of-image marker")
+        fast = None
+        if cfg.fast_resize:
+            try:
+                fast = _fast_resize(im, resizer)
+            except Exception as err:  # what PIL cannot decode, OpenCV will not either
+                return ImageResult(reason="decode_error", error=f"{type(err).__name__}: {err}")
+        if fast is not None:
+            encoded, w, h, decoded = fast
+            ow, oh = width, height
+            phash = _perceptual_hash(decoded) if perceptual_hash else None
+        else:
+            with _RESIZER_LOCK:
+                encoded, w, h, ow, oh, err = resizer(io.BytesIO(body))
+            if err is not None or encoded is None:
+                return ImageResult(reason="decode_error", error=str(err))
+            phash = _phash_of(body) if perceptual_hash else None
     return ImageResult(
         jpg=encoded,
         width=w,
@@ -357,12 +473,27 @@ def process_image(body: bytes, cfg: DownloadConfig, resizer: Any) -> ImageResult
         original_width=ow,
         original_height=oh,
         sha256=hashlib.sha256(body).hexdigest(),
+        phash=phash,
     )
+
+
+def _perceptual_hash(im: Image.Image) -> str:
+    from pipeline.filters import perceptual_hash
+
+    return perceptual_hash(im)
 
 
 # --------------------------------------------------------------------------- the stage
 
-_IMAGE_COLUMNS = ("jpg", "width", "height", "original_width", "original_height", "sha256")
+_IMAGE_COLUMNS = (
+    "jpg",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "sha256",
+    "phash",
+)
 _INT_COLUMNS = ("width", "height", "original_width", "original_height")
 
 
@@ -373,10 +504,14 @@ class DownloadStage:
     stage="download", its reason and error, and jpg=None.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, perceptual_hashes: bool = False):
         self.cfg = from_dict(DownloadConfig, config)
+        self.perceptual_hashes = perceptual_hashes
         _networks(self.cfg.allowed_networks)  # a malformed CIDR fails here, not once per row
         self.resizer = make_resizer(self.cfg)
+        import cv2
+
+        cv2.setNumThreads(1)  # parallelism comes from the threads and actors, not OpenCV
         self.pool = ThreadPoolExecutor(self.cfg.thread_count)  # fetching is I/O bound
 
     def download(self, url: str) -> ImageResult:
@@ -386,7 +521,7 @@ class DownloadStage:
             fetched = fetch(url, self.cfg)
             if fetched.body is None:
                 return ImageResult(reason=fetched.reason, error=fetched.error)
-            return process_image(fetched.body, self.cfg, self.resizer)
+            return process_image(fetched.body, self.cfg, self.resizer, self.perceptual_hashes)
         except Exception as err:  # one odd URL must not fail a whole batch
             return ImageResult(reason="internal_error", error=f"{type(err).__name__}: {err}")
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from PIL import Image
 
 from pipeline.config import FilterConfig, from_dict
 
@@ -88,6 +90,88 @@ class Deduplicator:
         if value in self.seen:
             return False, self.reason, f"same as an earlier row ({str(value)[:80]})"
         self.seen.add(value)
+        return KEEP
+
+
+def perceptual_hash(image: Image.Image) -> str:
+    """imagehash's 64-bit DCT hash as 16 hex digits; near-identical images are a few bits apart.
+
+    Computed on the decoded original (a JPEG may be decoded at reduced scale: the hash only
+    looks at a 32x32 thumbnail), so a resized or re-encoded copy hashes alike.
+    """
+    import imagehash
+
+    return str(imagehash.phash(image.convert("L")))
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def hash_image_folder(folder: str | Path) -> list[str]:
+    """Perceptual hashes of every image under ``folder`` (any depth), e.g. an eval set."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--decontaminate: {str(folder)!r} is not a folder of images")
+    hashes = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as im:
+                im.draft("RGB", (64, 64))  # JPEGs: decode at reduced scale, the hash needs 32 px
+                hashes.append(perceptual_hash(im))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # an unreadable eval file cannot leak into training
+    if not hashes:
+        raise ValueError(f"--decontaminate: no readable images under {str(folder)!r}")
+    return hashes
+
+
+class NearDuplicateIndex:
+    """64-bit hashes searchable within a Hamming distance, in time independent of their count.
+
+    Multi-index hashing: split each hash into distance+1 bands; two hashes at most `distance`
+    bits apart agree exactly on at least one band (pigeonhole), so only the hashes sharing a
+    band value are compared bit by bit.
+    """
+
+    def __init__(self, max_distance: int, reason: str, hashes: Iterable[str] = ()):
+        if not 0 <= max_distance <= 15:
+            raise ValueError(f"near-duplicate distance {max_distance} is not within 0..15")
+        self.max_distance, self.reason = max_distance, reason
+        bands = max_distance + 1
+        width = 64 // bands
+        self.bands = [(i * width, 64 if i == bands - 1 else (i + 1) * width) for i in range(bands)]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.bands]
+        for h in hashes:
+            self.add(h)
+
+    def _band_values(self, value: int) -> list[int]:
+        return [(value >> lo) & ((1 << (hi - lo)) - 1) for lo, hi in self.bands]
+
+    def nearest(self, hex_hash: str) -> tuple[int, int] | None:
+        """(distance, hash) of an indexed hash within the distance, or None."""
+        value = int(hex_hash, 16)
+        best = None
+        for table, band in zip(self.tables, self._band_values(value), strict=True):
+            for other in table.get(band, ()):
+                d = (value ^ other).bit_count()
+                if d <= self.max_distance and (best is None or d < best[0]):
+                    best = (d, other)
+        return best
+
+    def add(self, hex_hash: str) -> None:
+        value = int(hex_hash, 16)
+        for table, band in zip(self.tables, self._band_values(value), strict=True):
+            table.setdefault(band, []).append(value)
+
+    def __call__(self, hex_hash: str | None, add: bool = True) -> Verdict:
+        """Drop a hash near an indexed one; otherwise keep it (and index it when `add`)."""
+        if hex_hash is None:
+            return KEEP
+        hit = self.nearest(hex_hash)
+        if hit is not None:
+            return False, self.reason, f"phash {hex_hash} is {hit[0]} bits from {hit[1]:016x}"
+        if add:
+            self.add(hex_hash)
         return KEEP
 
 

@@ -189,18 +189,28 @@ def test_stats_match_the_parquet_contents(prepared):
     assert stats["stages"]["download"]["seconds"] > 0
 
 
-def test_shards_layout_and_schema(prepared):
-    files, n = prepared["shard_files"], len(prepared["samples"])
-    assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(len(files))]
-    assert len(files) == math.ceil(n / ROWS_PER_SHARD) >= 3
-    sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    assert sizes[:-1] == [ROWS_PER_SHARD] * (len(files) - 1) and 0 < sizes[-1] <= ROWS_PER_SHARD
+def test_shards_layout_and_schema(truth, prepared):
+    # Shard N holds the survivors of input rows [N*k, (N+1)*k): the unit of resume.
+    files, run = prepared["shard_files"], prepared["run"]
+    position = {}
+    for i, r in enumerate(truth):
+        position.setdefault(r["url"], i)
+    n_chunks = math.ceil(len(truth) / ROWS_PER_SHARD)
+    assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(n_chunks)]
+    for i, f in enumerate(files):
+        rows = pq.read_table(f, columns=["url"]).to_pylist()
+        assert 0 < len(rows) <= ROWS_PER_SHARD
+        assert {position[r["url"]] // ROWS_PER_SHARD for r in rows} == {i}, f
     for f in files:
         assert pq.read_schema(f).equals(schema.SAMPLE), f
     for f in prepared["reject_files"]:
         assert pq.read_schema(f).equals(schema.REJECT), f
-    # Nothing but the finished shards: no temp files left behind.
-    assert sorted(p.name for p in prepared["run"].shards.iterdir()) == [f.name for f in files]
+    # Nothing but the finished shards, and one marker per shard: no temp files left behind.
+    assert sorted(p.name for p in run.shards.iterdir()) == [f.name for f in files]
+    markers = sorted(p.name for p in (run.root / "data" / "progress").glob("part-*"))
+    assert markers == [f"part-{i:05d}.json" for i in range(n_chunks)]
+    assert (run.root / "data" / "funnel.png").stat().st_size > 10_000
+    assert prepared["stats"]["paths"]["funnel_png"] == str(run.root / "data" / "funnel.png")
 
 
 def test_images_are_resized_and_describe_the_served_file(served, truth, prepared):

@@ -16,9 +16,10 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline import download
 from pipeline.config import DownloadConfig
@@ -276,9 +277,11 @@ def test_batch_reasons(servers, base):
 
 
 def test_output_matches_img2dataset_resizer(base):
-    stage = DownloadStage(dataclasses.asdict(CFG))
+    # Without the fast path, the bytes are exactly the Resizer's.
+    cfg = dataclasses.replace(CFG, fast_resize=False)
+    stage = DownloadStage(dataclasses.asdict(cfg))
     out = stage(_batch([f"{base}/good.jpg", f"{base}/alpha.png"]))
-    resizer = make_resizer(CFG)
+    resizer = make_resizer(cfg)
     for row, body, size in zip(
         out.itertuples(), (GOOD_JPG, ALPHA_PNG), ((200, 150), (120, 90)), strict=True
     ):
@@ -289,6 +292,49 @@ def test_output_matches_img2dataset_resizer(base):
         assert (row.original_width, row.original_height) == size
         assert row.sha256 == hashlib.sha256(body).hexdigest()  # of the downloaded bytes
         assert Image.open(io.BytesIO(row.jpg)).size == (64, 64)
+
+
+def _photo(w: int, h: int, seed: int) -> bytes:
+    """Photo-like: gradients, noise and blurred shapes, so JPEG detail is realistic."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], -1)
+    pixels += rng.normal(0, 12, (h, w, 3))
+    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0, r = rng.integers(0, w), rng.integers(0, h), rng.integers(10, w // 3)
+        draw.ellipse([x0, y0, x0 + r, y0 + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return _encode(img.filter(ImageFilter.GaussianBlur(1)), "JPEG")
+
+
+@pytest.mark.parametrize(
+    "mode,size", [("center_crop", 64), ("keep_ratio", 64), ("border", 224), ("keep_ratio", 224)]
+)
+def test_fast_resize_looks_like_img2dataset_resizer(mode, size):
+    # Reduced-scale JPEG decoding: the same sizes as the Resizer's full decode, and pixels a
+    # couple of levels (of 255) apart on average: visually the same.
+    cfg = dataclasses.replace(CFG, image_size=size, resize_mode=mode)
+    resizer = make_resizer(cfg)
+    used_fast = 0
+    for i, (w, h) in enumerate([(1999, 1500), (1024, 683), (600, 900), (457, 301), (1500, 451)]):
+        body = _photo(w, h, seed=i)
+        fast = download.process_image(body, cfg, resizer)
+        jpg, rw, rh, ow, oh, err = resizer(io.BytesIO(body))
+        assert err is None and fast.reason is None
+        assert (fast.width, fast.height, fast.original_width, fast.original_height) == (
+            rw,
+            rh,
+            ow,
+            oh,
+        )
+        with Image.open(io.BytesIO(body)) as im:
+            used_fast += download._fast_resize(im, resizer) is not None
+        a = np.asarray(Image.open(io.BytesIO(fast.jpg)), dtype=float)
+        b = np.asarray(Image.open(io.BytesIO(jpg)), dtype=float)
+        assert a.shape == b.shape
+        assert np.abs(a - b).mean() < 4.0, (w, h)
+    assert used_fast >= 3  # the big ones really took the reduced-scale path
 
 
 def test_rows_with_a_reason_pass_through_unfetched(servers, base):
@@ -313,7 +359,9 @@ def test_missing_url_is_a_bad_url():
 
 def test_retries_only_transient_failures(servers, base):
     main = servers[0]
-    cfg = dataclasses.replace(CFG, retries=2, timeout=0.2)
+    # A generous timeout where none is expected: a busy machine must not turn a slow answer
+    # into a (retried) timeout. The stall below uses a short one.
+    cfg = dataclasses.replace(CFG, retries=2, timeout=5.0)
     for path, reason, requests in [
         ("/500?retry", "http_500", 3),
         ("/429?retry", "http_429", 3),
@@ -325,6 +373,7 @@ def test_retries_only_transient_failures(servers, base):
         assert fetch(base + path, cfg).reason == reason, path
         assert main.hits[path] == requests, path
 
+    cfg = dataclasses.replace(cfg, timeout=0.2)
     start = time.monotonic()
     result = fetch(f"{base}/stall?retry", dataclasses.replace(cfg, retries=1))
     assert (result.reason, result.transient) == ("timeout", True)

@@ -278,3 +278,63 @@ def test_tokenize_stage_with_every_row_rejected():
     )
     out = TokenizeStage({"model": "clip-demo-tiny"})(batch)
     assert list(out["tokens"]) == [None, None]
+
+
+def _random_hashes(n: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [int(v) for v in rng.integers(0, 2**63, n, dtype=np.int64) * 2 + rng.integers(0, 2, n)]
+
+
+@pytest.mark.parametrize("distance", [0, 2, 4, 7])
+def test_near_duplicate_index_finds_exactly_what_brute_force_finds(distance):
+    from pipeline.filters import NearDuplicateIndex
+
+    rng = np.random.default_rng(distance)
+    indexed = _random_hashes(300, 1)
+    index = NearDuplicateIndex(distance, "near_duplicate", [f"{h:016x}" for h in indexed])
+    # Queries: random (far from everything) and indexed hashes with 0..distance+2 bits flipped.
+    queries = _random_hashes(200, 2)
+    for h in indexed[:100]:
+        flips = rng.choice(64, size=int(rng.integers(0, distance + 3)), replace=False)
+        queries.append(h ^ sum(1 << int(b) for b in flips))
+    for q in queries:
+        nearest = min((q ^ h).bit_count() for h in indexed)
+        hit = index.nearest(f"{q:016x}")
+        if nearest <= distance:
+            assert hit is not None and hit[0] == nearest
+        else:
+            assert hit is None
+
+
+def test_near_duplicate_index_keeps_the_first_and_drops_the_copy():
+    from pipeline.filters import NearDuplicateIndex
+
+    index = NearDuplicateIndex(2, "near_duplicate")
+    assert index("00000000000000ff") == (True, None, None)
+    keep, reason, detail = index("00000000000000fc")  # 2 bits away
+    assert (keep, reason) == (False, "near_duplicate") and "2 bits" in detail
+    assert index("0000000000000f00")[0] is True  # 8 bits away: a different image
+    assert index(None)[0] is True  # no hash (not computed): nothing to compare
+    with pytest.raises(ValueError, match="0..15"):
+        NearDuplicateIndex(16, "near_duplicate")
+
+
+def test_perceptual_hash_matches_resized_copies_not_other_images():
+    from PIL import Image
+
+    from pipeline.filters import perceptual_hash
+
+    rng = np.random.default_rng(0)
+
+    def photo(seed):
+        coarse = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        return Image.fromarray(coarse).resize((320, 240), Image.BICUBIC)
+
+    def distance(a, b):
+        return (int(perceptual_hash(a), 16) ^ int(perceptual_hash(b), 16)).bit_count()
+
+    original = photo(1)
+    noisy = np.asarray(original, np.int16) + rng.normal(0, 3, (240, 320, 3)).astype(np.int16)
+    assert distance(original, original.resize((120, 90))) <= 2
+    assert distance(original, Image.fromarray(noisy.clip(0, 255).astype(np.uint8))) <= 2
+    assert min(distance(original, photo(s)) for s in range(2, 12)) > 10

@@ -207,3 +207,52 @@ def test_unreadable_file(tmp_path, name, content, kind):
     assert message.startswith(f"cannot read URL list {str(path)!r} as {kind}: ")
     assert len(message) > len(f"cannot read URL list {str(path)!r} as {kind}: ")  # cause kept
     assert info.value.__cause__ is not None
+
+
+def test_additional_columns_keep_their_values_and_types(tmp_path):
+    path = tmp_path / "urls.parquet"
+    table = pa.table(
+        {
+            "url": ["http://e.com/a.jpg", "http://e.com/b.jpg"],
+            "caption": ["a cat", "a dog"],
+            "uid": pa.array([7, None], pa.int64()),
+            "license": ["cc-by", "cc0"],
+        }
+    )
+    pq.write_table(table, path)
+    frame = read_url_list(str(path), additional_columns=("uid", "license"))
+    assert list(frame.columns[:4]) == ["url", "caption", "uid", "license"]
+    assert frame["license"].tolist() == ["cc-by", "cc0"]
+    assert frame["uid"].tolist()[0] == 7 and pd.isna(frame["uid"].tolist()[1])
+    assert frame.attrs["additional_types"] == {"uid": pa.int64(), "license": pa.string()}
+
+
+def test_missing_additional_column_names_file_and_columns(tmp_path):
+    path = write(tmp_path / "urls.jsonl", ROWS)
+    with pytest.raises(ValueError) as err:
+        read_url_list(str(path), additional_columns=("uid",))
+    message = str(err.value)
+    assert "urls.jsonl" in message and "'uid'" in message
+    assert "columns found: url, caption, n" in message
+    assert "--save-additional-columns" in message
+
+
+def test_additional_column_may_not_shadow_an_output_column(tmp_path):
+    path = write(tmp_path / "urls.parquet", ROWS)
+    with pytest.raises(ValueError, match="'?jpg'?.*overwrite|overwrite.*jpg"):
+        read_url_list(str(path), additional_columns=("jpg",))
+
+
+def test_caption_that_is_not_utf8_is_flagged_not_fatal(tmp_path):
+    from pipeline.prepare.inputs import INPUT_REASON
+
+    path = tmp_path / "urls.csv"
+    path.write_bytes(
+        b"url,caption\n"
+        b"http://e.com/a.jpg,caf\xe9 latin-1\n"  # one bad row must not refuse the whole file
+        b"http://e.com/b.jpg,caf\xc3\xa9 utf-8\n"
+    )
+    frame = read_url_list(str(path))
+    assert frame["caption"].tolist() == ["caf\ufffd latin-1", "caf\u00e9 utf-8"]
+    flags = frame[INPUT_REASON].tolist()
+    assert flags[0][0] == "caption_not_utf8" and flags[1] is None

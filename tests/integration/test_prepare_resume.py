@@ -1,0 +1,244 @@
+"""Resume: `kill -9` in the middle of a real jobs/prepare_data.py run, then the same command
+again, gives exactly the outputs of an uninterrupted run without refetching finished shards;
+--retry-failed fetches again only the rows that failed for transient reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import get_preset
+from pipeline.prepare import read_url_list, run_prepare
+from pipeline.pretrain import Pipeline
+from pipeline.rundir import RunDir
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+NUM_IMAGES = 420  # the tiny preset's 150 input rows per shard: 3 shards
+THROTTLE_S = 0.02  # one response at a time, 20 ms each: a shard takes ~3 s to download
+
+
+def image(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+IMAGES = [image(i) for i in range(NUM_IMAGES)]
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server, path = self.server, urlsplit(self.path).path
+        with server.lock:
+            server.hits[path] += 1
+            first_time = server.hits[path] == 1
+            if server.throttle:
+                time.sleep(server.throttle)
+        kind, _, number = path.strip("/").partition("/")
+        if kind == "img" or (kind == "flaky" and not first_time):
+            body, status = IMAGES[int(number)], 200
+        else:  # /flaky/N fails the first time, as an overloaded origin does; the rest 404
+            body, status = b"busy", 503 if kind == "flaky" else 404
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads, srv.request_queue_size = True, 128
+    srv.lock, srv.hits, srv.throttle = threading.Lock(), Counter(), 0.0
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def write_list(path: Path, urls: list[str]) -> Path:
+    captions = [f"a photo of thing {i}" for i in range(len(urls))]
+    pq.write_table(pa.table({"url": urls, "caption": captions}), path)
+    return path
+
+
+def outcome(run_root: Path) -> Counter:
+    """(key, url, "sample") or (key, url, stage, reason) for every row written, counted."""
+    out: Counter = Counter()
+    for folder in ("shards", "rejects"):
+        for f in sorted((run_root / "data" / folder).glob("*.parquet")):
+            for r in pq.read_table(f).to_pylist():
+                fate = ("sample",) if folder == "shards" else (r["stage"], r["reason"])
+                out[(r["key"], r["url"], *fate)] += 1
+    return out
+
+
+def file_names(run_root: Path, folder: str) -> list[str]:
+    return sorted(p.name for p in (run_root / "data" / folder).iterdir())
+
+
+def _kill_session(tmpdir: str) -> None:
+    """SIGKILL what is left of the Ray session the killed job started (its own temp dir)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if tmpdir.encode() in cmdline:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_kill_minus_9_then_rerun_equals_an_uninterrupted_run(ray_local, server, tmp_path, request):
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/img/{i}" for i in range(NUM_IMAGES)]
+    urls[7] = f"{base}/missing"  # a few rejects too, one a duplicate URL
+    urls[300] = urls[3]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    run_dir = tmp_path / "run"
+    # A Ray of its own, with its own temp dir (short: Unix socket paths are limited).
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "prepare_data.py"),
+        "--preset",
+        "tiny",
+        "--input",
+        str(url_list),
+        "--run-dir",
+        str(run_dir),
+        "--allowed-networks",
+        "127.0.0.1/32",
+        "--address",
+        "local",
+    ]
+    progress = run_dir / "data" / "progress"
+    server.hits.clear()
+    server.throttle = THROTTLE_S
+    job = subprocess.Popen(
+        command, env=env, cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list(progress.glob("part-?????.json")):
+            assert job.poll() is None, job.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no shard finished in 300 s"
+            time.sleep(0.02)
+        os.killpg(job.pid, signal.SIGKILL)  # the job and every process in its group
+        job.wait()
+    finally:
+        server.throttle = 0.0
+        _kill_session(ray_tmp)
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    done_at_kill = sorted(int(p.stem[5:]) for p in progress.glob("part-?????.json"))
+    assert 1 <= len(done_at_kill) < 3, done_at_kill
+    assert "prepare" not in RunDir.at(run_dir).manifest()["stages"]
+    before = Counter(server.hits)
+
+    server.hits.clear()
+    rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    _kill_session(ray_tmp)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout + rerun.stderr
+    assert RunDir.at(run_dir).stage("prepare")["samples"] == NUM_IMAGES - 2
+
+    # Finished shards were not fetched again; everything else was, once.
+    finished = {urls[i] for c in done_at_kill for i in range(c * 150, (c + 1) * 150)}
+    refetched = {f"{base}{p}" for p in server.hits}
+    assert not refetched & finished
+    assert refetched == set(urls) - finished
+    assert before  # the killed run had fetched something
+
+    # The same outputs as an uninterrupted run of the same configuration.
+    cfg = get_preset("tiny").prepare
+    cfg = dataclasses.replace(
+        cfg, download=dataclasses.replace(cfg.download, allowed_networks=("127.0.0.1/32",))
+    )
+    reference = tmp_path / "reference"
+    run_prepare(read_url_list(str(url_list)), RunDir.at(reference), cfg)
+    resumed = outcome(run_dir)
+    assert resumed == outcome(reference)
+    assert sum(resumed.values()) == NUM_IMAGES
+    samples = [k for k in resumed if k[2] == "sample"]
+    assert len(samples) == len({k[0] for k in samples}) == NUM_IMAGES - 2  # keys unique
+    assert Counter(k[2:] for k in resumed.elements() if k[2] != "sample") == {
+        ("input", "duplicate_url"): 1,
+        ("download", "http_404"): 1,
+    }
+    # No leftovers of the killed attempt beside the shards.
+    assert file_names(run_dir, "shards") == file_names(reference, "shards")
+    assert file_names(run_dir, "rejects") == file_names(reference, "rejects")
+
+
+def test_retry_failed_refetches_only_transient_failures(ray_local, server, tmp_path):
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/img/{i}" for i in range(12)]
+    urls += [f"{base}/flaky/{i}" for i in range(100, 106)]  # 503 once, then fine
+    urls += [f"{base}/gone/{i}" for i in range(2)]  # 404: not transient, never retried
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    cfg = get_preset("tiny")
+    prepare = dataclasses.replace(
+        cfg.prepare,
+        rows_per_shard=8,
+        download=dataclasses.replace(
+            cfg.prepare.download, allowed_networks=("127.0.0.1/32",), retries=0
+        ),
+    )
+    cfg = dataclasses.replace(cfg, prepare=prepare)
+    run = RunDir.at(tmp_path / "run")
+
+    def pipeline(**kwargs) -> Pipeline:
+        return Pipeline(cfg, run, input_path=str(url_list), log=lambda *_: None, **kwargs)
+
+    server.hits.clear()
+    first = pipeline().prepare()
+    assert first["stages"]["download"]["drops"] == {"http_503": 6, "http_404": 2}
+    assert pipeline().prepare() == first  # finished: a plain rerun does nothing
+
+    second = pipeline(retry_failed=True).prepare()
+    assert second["samples"] == 18 and second["rejects"] == 2
+    assert second["stages"]["download"]["drops"] == {"http_404": 2}
+    assert run.stage("prepare")["samples"] == 18
+    got = outcome(run.root)
+    assert sum(got.values()) == len(urls) == len(got)  # each row in exactly one place
+    assert sorted(k[1] for k in got if k[2] != "sample") == urls[-2:]
+    # Only the transient failures were fetched again.
+    assert {p: n for p, n in server.hits.items() if n > 1} == {
+        urlsplit(u).path: 2 for u in urls if "/flaky/" in u
+    }
+
+    # Nothing transient is left: another retry fetches nothing and changes nothing.
+    server.hits.clear()
+    assert pipeline(retry_failed=True).prepare()["samples"] == 18
+    assert server.hits == Counter()
+    assert outcome(run.root) == got
