@@ -66,11 +66,17 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def create_model(model: str, init_temperature: float = 0.07) -> torch.nn.Module:
-    """A freshly initialised open_clip model with logit scale log(1/temperature)."""
+def create_model(
+    model: str, init_temperature: float = 0.07, init_logit_bias: float | None = None
+) -> torch.nn.Module:
+    """A freshly initialised open_clip model with logit scale log(1/temperature).
+
+    ``init_logit_bias`` adds the learned bias SigLIP's loss needs.
+    """
+    extra = {} if init_logit_bias is None else {"init_logit_bias": init_logit_bias}
     with _quiet_root_logger():
         return open_clip.create_model(
-            resolve_model_name(model), init_logit_scale=math.log(1.0 / init_temperature)
+            resolve_model_name(model), init_logit_scale=math.log(1.0 / init_temperature), **extra
         )
 
 
@@ -92,6 +98,9 @@ def export_local_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir:
     tmp = out_dir / ".open_clip_model.safetensors.tmp"
     save_file(state, str(tmp))
     tmp.replace(weights)
+    if getattr(model, "logit_bias", None) is not None:
+        # Without it open_clip would rebuild the model with no bias and refuse the weights.
+        model_cfg = {**model_cfg, "init_logit_bias": float(model.logit_bias.detach())}
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(model)}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir

@@ -1,17 +1,19 @@
 """Contrastive training on Ray Train V2: train_loop_per_worker and the TorchTrainer it runs in.
 
-Parquet shards stream through Ray Data (decode + augment run as CPU tasks beside
-the workers); each worker computes open_clip's ClipLoss with negatives gathered
-from every other worker (local_loss + gather_with_grad, as open_clip trains).
+Each worker streams its part of a deterministic data plan (pipeline/ingest.py) through Ray
+Data, whose CPU tasks decode and augment beside the workers; the step (pipeline/contrastive.py)
+is open_clip's ClipLoss with negatives gathered from every worker, or SigLIP's loss, with
+feature-cache accumulation. Checkpoints hold the model, optimizer and step; the step is also
+the data position, so a restored run neither repeats nor skips an epoch's rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,10 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig, from_dict
+from pipeline.contrastive import LOSSES, build_loss, contrastive_step
+from pipeline.ingest import list_chunks, rank_dataset, rank_items, steps_per_epoch
 from pipeline.modeling import create_model, export_local_dir, model_config, resolve_model_name
+from pipeline.probe import ZeroShotProbe
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -45,38 +50,22 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     )
 
 
-def decode_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Ray Data stage: JPEG bytes → normalised CHW float32, with open_clip's train transform."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-    from PIL import Image
+def _autocast(precision: str, device: torch.device):
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    transform = image_transform_v2(PreprocessCfg(size=image_size), is_train=True)
-    images = [transform(Image.open(io.BytesIO(jpg)).convert("RGB")).numpy() for jpg in batch["jpg"]]
+
+def _plan_signature(chunks, world: int, per_worker_batch: int, seed: int) -> dict[str, Any]:
+    """What fixes the data order: a checkpoint restored under another plan says so in the log."""
     return {
-        "image": np.stack(images).astype(np.float32),
-        "tokens": np.stack(batch["tokens"]).astype(np.int64),
+        "chunks": len(chunks),
+        "rows": sum(c.rows for c in chunks),
+        "world": world,
+        "per_worker_batch": per_worker_batch,
+        "seed": seed,
     }
-
-
-def build_train_dataset(shards: Path, model: str, cpus_per_task: float = 0.25):
-    """The shards as a Ray Data stream of (image, tokens); block order reshuffled each epoch.
-
-    Read and decode run as fractional-CPU tasks: the training workers hold the other
-    CPUs, and a task asking for a whole one would wait forever on a small machine.
-    """
-    import ray
-
-    return (
-        ray.data.read_parquet(str(shards), num_cpus=cpus_per_task)
-        .select_columns(["jpg", "tokens"])
-        .randomize_block_order()
-        .map_batches(
-            decode_images,
-            fn_kwargs={"image_size": model_config(model)["vision_cfg"]["image_size"]},
-            batch_size=128,
-            num_cpus=cpus_per_task,
-        )
-    )
 
 
 def _save_checkpoint(state: dict[str, Any]):
@@ -87,148 +76,249 @@ def _save_checkpoint(state: dict[str, Any]):
     return ray.train.Checkpoint.from_directory(tmp)
 
 
+def _epoch_bounds(steps_per_epoch: list[int], step: int) -> int:
+    """The epoch that global step ``step`` (0-based) belongs to."""
+    return int(np.searchsorted(np.cumsum(steps_per_epoch), step, side="right"))
+
+
+def training_schedule(cfg: TrainConfig, chunks, world: int) -> list[int]:
+    """Steps of each epoch; with max_steps, as many epochs as it takes."""
+    per_worker_batch = cfg.global_batch_size // world
+    if not cfg.max_steps:
+        return steps_per_epoch(chunks, cfg.epochs, cfg.seed, world, per_worker_batch)
+    steps: list[int] = []
+    while sum(steps) < cfg.max_steps:
+        steps += steps_per_epoch(chunks, len(steps) + 1, cfg.seed, world, per_worker_batch)[-1:]
+        if steps[-1] == 0:
+            raise ValueError("an epoch of the shards holds no full batch per worker")
+    steps[-1] -= sum(steps) - cfg.max_steps
+    return steps
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from open_clip.loss import ClipLoss
     from open_clip_train.scheduler import cosine_lr
 
     cfg = from_dict(TrainConfig, config["train"])
-    num_samples: int = config["num_samples"]
-    tensorboard_dir: str | None = config.get("tensorboard_dir")
+    # open_clip gathers with torch.distributed.nn.all_gather, which torch now warns about on
+    # every call: one line per step per worker would bury the training log.
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     per_worker_batch = cfg.global_batch_size // world
-    steps_per_epoch = num_samples // (per_worker_batch * world)
-    total_steps = steps_per_epoch * cfg.epochs
+    chunks = list_chunks(Path(config["shards"]), world)
+    epoch_steps = training_schedule(cfg, chunks, world)
+    total_steps = sum(epoch_steps)
 
-    model = create_model(cfg.model, cfg.init_temperature)
+    model = create_model(
+        cfg.model, cfg.init_temperature, cfg.init_logit_bias if cfg.loss == "siglip" else None
+    )
     if not cfg.learn_temperature:
         model.logit_scale.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, cfg)
-    step = 0
+    step, zeroshot_top1, resumes = 0, None, []
+    signature = _plan_signature(chunks, world, per_worker_batch, cfg.seed)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, CHECKPOINT_FILE), weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, zeroshot_top1 = state["step"], state.get("zeroshot_top1")
+        resumes = [*state.get("resumes", []), step]  # the steps this run restarted from
+        if state.get("data_plan") != signature and rank == 0:
+            print(
+                f"warning: the shards or the worker layout changed since the checkpoint "
+                f"({state.get('data_plan')} -> {signature}); data order restarts from step {step}"
+            )
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     unwrapped = model.module if hasattr(model, "module") else model
+    # The scheduler is a pure function of the step: restoring the step restores it.
     scheduler = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, max(total_steps, 1))
-    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    loss_fn = build_loss(cfg.loss, rank, world)
+    autocast = _autocast(cfg.precision, device)
+    image_size = model_config(cfg.model)["vision_cfg"]["image_size"]
+    mean = torch.tensor(unwrapped.visual.preprocess_cfg["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(unwrapped.visual.preprocess_cfg["std"], device=device).view(1, 3, 1, 1)
 
-    writer = None
-    if rank == 0 and tensorboard_dir:
-        from tensorboardX import SummaryWriter
+    writer = probe = None
+    if rank == 0:
+        if config.get("tensorboard_dir"):
+            from tensorboardX import SummaryWriter
 
-        writer = SummaryWriter(tensorboard_dir)
+            writer = SummaryWriter(config["tensorboard_dir"])
+        if config.get("zeroshot_dataset") and cfg.zeroshot_every_steps:
+            probe = ZeroShotProbe(
+                config["zeroshot_dataset"], cfg.model, image_size, cfg.zeroshot_images_per_class
+            )
 
-    shard = ray.train.get_dataset_shard("train")
+    items = rank_items(
+        chunks,
+        cfg.seed,
+        world,
+        rank,
+        per_worker_batch,
+        len(epoch_steps),
+        start_step=step,
+    )
+    batches = iter(
+        rank_dataset(items, image_size, cfg.data_cpus_per_task).iter_torch_batches(
+            batch_size=per_worker_batch, prefetch_batches=4
+        )
+    )
     window = {"samples": 0, "seconds": 0.0, "wait": 0.0}
     totals = {"samples": 0, "seconds": 0.0, "wait": 0.0}
-    loss_value = float("nan")
+    loss_value, grad_norm = float("nan"), float("nan")
+    started = False
+    tick = time.perf_counter()
     while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        batches = shard.iter_torch_batches(
-            batch_size=per_worker_batch,
-            drop_last=True,
-            local_shuffle_buffer_size=per_worker_batch * 4,
-            local_shuffle_seed=cfg.seed + epoch * world + rank,
-            prefetch_batches=2,
-        )
+        batch = next(batches)
+        waited = time.perf_counter() - tick
+        images = batch["image"].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+        texts = batch["tokens"].to(device, non_blocking=True)
+        lr = scheduler(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss = contrastive_step(model, loss_fn, images, texts, cfg.accum_freq, autocast)
+        max_norm = cfg.grad_clip_norm if cfg.grad_clip_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        optimizer.step()
+        with torch.no_grad():
+            unwrapped.logit_scale.clamp_(0, np.log(cfg.max_logit_scale))
+        step += 1
+        elapsed = time.perf_counter() - tick
         tick = time.perf_counter()
-        for i, batch in enumerate(batches):
-            if i >= steps_per_epoch or step >= total_steps:
-                break
-            if i < skip:  # resumed mid-epoch: this epoch's first `skip` steps are done
-                tick = time.perf_counter()
-                continue
-            waited = time.perf_counter() - tick
-            images = batch["image"].to(device, non_blocking=True)
-            texts = batch["tokens"].to(device, non_blocking=True)
-            lr = scheduler(step)
-            with autocast:
-                image_features, text_features, logit_scale = model(images, texts)
-                loss = loss_fn(image_features, text_features, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                unwrapped.logit_scale.clamp_(0, np.log(cfg.max_logit_scale))
-            step += 1
-            elapsed = time.perf_counter() - tick
-            tick = time.perf_counter()
-            samples = per_worker_batch * world
-            for acc in (window, totals):
-                acc["samples"] += samples
-                acc["seconds"] += elapsed
-                acc["wait"] += waited
-            loss_value = loss.item()
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                metrics = {
+        # The run's totals start after the first batch: pipeline start-up is not throughput.
+        for acc in (window, totals) if started else (window,):
+            acc["samples"] += per_worker_batch * world
+            acc["seconds"] += elapsed
+            acc["wait"] += waited
+        started = True
+        loss_value = loss.item()
+        epoch = _epoch_bounds(epoch_steps, step - 1)
+        probe_now = probe is not None and (
+            step % cfg.zeroshot_every_steps == 0 or step == total_steps
+        )
+        if probe_now:
+            zeroshot_top1 = probe(unwrapped, device)
+        if step % cfg.log_every_steps == 0 or step == total_steps or probe_now:
+            metrics = _metrics(epoch, loss_value, unwrapped, lr, grad_norm, window)
+            if probe_now:
+                metrics["zeroshot_top1"] = zeroshot_top1
+            if writer:
+                for name, value in metrics.items():
+                    writer.add_scalar(f"train/{name}", value, step)
+                writer.flush()
+            window = {"samples": 0, "seconds": 0.0, "wait": 0.0}
+        report_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps
+        zeroshot_due = cfg.zeroshot_every_steps and step % cfg.zeroshot_every_steps == 0
+        if report_now or (config.get("zeroshot_dataset") and zeroshot_due):
+            run_metrics = _metrics(epoch, loss_value, unwrapped, lr, grad_norm, totals)
+            metrics = {"step": step, **run_metrics}
+            if zeroshot_top1 is not None:
+                metrics["zeroshot_top1"] = zeroshot_top1
+            state = None
+            if rank == 0 and report_now:  # every rank holds the same weights; one copy is enough
+                state = {
+                    "model": unwrapped.state_dict(),
+                    "optimizer": optimizer.state_dict(),
                     "step": step,
                     "epoch": epoch,
-                    "loss": loss_value,
-                    "logit_scale": unwrapped.logit_scale.exp().item(),
-                    "lr": lr,
-                    "samples_per_second": window["samples"] / max(window["seconds"], 1e-9),
-                    "data_wait_fraction": window["wait"] / max(window["seconds"], 1e-9),
+                    "data_plan": signature,
+                    "zeroshot_top1": zeroshot_top1,
+                    "resumes": resumes,
                 }
-                if writer:
-                    for name, value in metrics.items():
-                        if name != "step":
-                            writer.add_scalar(f"train/{name}", value, step)
-                    writer.flush()
-                window = {"samples": 0, "seconds": 0.0, "wait": 0.0}
-            if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
-                _report(rank, unwrapped, optimizer, step, loss_value, totals)
+            _report(metrics, state)
     if writer:
         writer.close()
 
 
-def _report(rank, model, optimizer, step, loss_value, totals) -> None:
+def _metrics(epoch, loss_value, model, lr, grad_norm, timing) -> dict[str, float]:
+    """The logged figures; throughput and data wait over `timing`'s steps."""
+    return {
+        "epoch": epoch,
+        "loss": loss_value,
+        "logit_scale": model.logit_scale.exp().item(),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "samples_per_second": timing["samples"] / max(timing["seconds"], 1e-9),
+        "data_wait_fraction": timing["wait"] / max(timing["seconds"], 1e-9),
+    }
+
+
+def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     import ray.train
 
-    metrics = {
-        "step": step,
-        "loss": loss_value,
-        "samples_per_second": totals["samples"] / max(totals["seconds"], 1e-9),
-        "data_wait_fraction": totals["wait"] / max(totals["seconds"], 1e-9),
-    }
-    checkpoint = None
-    if rank == 0:  # every rank holds the same weights; one copy is enough
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-        checkpoint = _save_checkpoint(state)
-    ray.train.report(metrics, checkpoint=checkpoint)
+    ray.train.report(metrics, checkpoint=_save_checkpoint(state) if state else None)
 
 
-def build_trainer(cfg: TrainConfig, shards: Path, num_samples: int, storage: Path):
-    """A TorchTrainer over the shards; rerun with the same storage it resumes its checkpoint."""
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a configuration that cannot train, with the reason, before any worker starts."""
+    resolve_model_name(cfg.model)
+    problems = []
+    if cfg.loss not in LOSSES:
+        problems.append(f"loss {cfg.loss!r} is not one of {', '.join(LOSSES)}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"precision {cfg.precision!r} is not auto, bf16 or fp32")
+    if cfg.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        problems.append(f"placement strategy {cfg.placement_strategy!r} is not a Ray strategy")
+    if cfg.num_workers < 1 or cfg.global_batch_size < 1 or cfg.accum_freq < 1:
+        problems.append("num_workers, global batch size and accum_freq must be at least 1")
+    elif cfg.global_batch_size % cfg.num_workers:
+        problems.append(
+            f"global batch {cfg.global_batch_size} does not split over {cfg.num_workers} workers"
+        )
+    elif (cfg.global_batch_size // cfg.num_workers) % cfg.accum_freq:
+        problems.append(
+            f"a worker's batch of {cfg.global_batch_size // cfg.num_workers} does not split into "
+            f"accum_freq={cfg.accum_freq} micro-batches"
+        )
+    if cfg.init_temperature <= 0 or 1 / cfg.init_temperature > cfg.max_logit_scale:
+        problems.append(
+            f"initial temperature {cfg.init_temperature} must be > 0 and at least "
+            f"1/max_logit_scale = {1 / cfg.max_logit_scale:g}"
+        )
+    if problems:
+        raise ValueError("training config: " + "; ".join(problems))
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    shards: Path,
+    num_samples: int,
+    storage: Path,
+    *,
+    name: str = "train",
+    zeroshot_dataset: str | Path | None = None,
+    callbacks: list | None = None,
+):
+    """A TorchTrainer over the shards; rerun with the same storage it resumes its checkpoint.
+
+    Ray Train storage is STORAGE/NAME, TensorBoard scalars go to STORAGE/NAME/tensorboard.
+    With ``zeroshot_dataset`` (an image folder) every report carries ``zeroshot_top1``.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    resolve_model_name(cfg.model)  # fail on the driver, with a clear message, before Ray starts
+    check_config(cfg)  # fail on the driver, with a clear message, before workers start
     if num_samples < cfg.global_batch_size:
         raise ValueError(
             f"only {num_samples} training samples, fewer than one global batch "
             f"({cfg.global_batch_size}); lower the batch size or prepare more data"
         )
-    if cfg.global_batch_size % cfg.num_workers:
-        raise ValueError(
-            f"global batch {cfg.global_batch_size} does not split over {cfg.num_workers} workers"
-        )
     # Ray rebuilds the config on each worker; absolute paths survive a --working-dir change.
+    storage = Path(storage).resolve()
     config = {
         "train": dataclasses.asdict(cfg),
-        "num_samples": num_samples,
-        "tensorboard_dir": str(storage / "train" / "tensorboard"),
+        "shards": str(Path(shards).resolve()),
+        "tensorboard_dir": str(storage / name / "tensorboard"),
+        "zeroshot_dataset": str(Path(zeroshot_dataset).resolve()) if zeroshot_dataset else None,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -240,27 +330,36 @@ def build_trainer(cfg: TrainConfig, shards: Path, num_samples: int, storage: Pat
                 "CPU": cfg.cpus_per_worker,
                 **({"GPU": 1} if cfg.use_gpu else {}),
             },
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name="train",
+            name=name,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
-        datasets={"train": build_train_dataset(shards, cfg.model)},
     )
 
 
 def load_checkpoint_model(checkpoint_dir: str | Path, cfg: TrainConfig) -> torch.nn.Module:
     state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, weights_only=False)
-    model = create_model(cfg.model, cfg.init_temperature)
+    bias = cfg.init_logit_bias if cfg.loss == "siglip" else None
+    model = create_model(cfg.model, cfg.init_temperature, bias)
     model.load_state_dict(state["model"])
     return model
 
 
-def run_training(cfg: TrainConfig, shards: Path, num_samples: int, storage: Path):
+def run_training(
+    cfg: TrainConfig,
+    shards: Path,
+    num_samples: int,
+    storage: Path,
+    zeroshot_dataset: str | Path | None = None,
+):
     """Train, then export the final checkpoint to STORAGE/model; returns (result, metrics)."""
-    result = build_trainer(cfg, shards, num_samples, storage).fit()
+    trainer = build_trainer(cfg, shards, num_samples, storage, zeroshot_dataset=zeroshot_dataset)
+    result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {storage / 'train'}")
     with result.checkpoint.as_directory() as d:

@@ -47,7 +47,7 @@ TINY_SIDE = 16
 URL_PATHS = "url_paths.parquet"  # path, caption, kind, label: the port-free URL list
 URLS = "urls.parquet"  # written by write_url_list once the server's port is known
 CORPUS_JSON = "corpus.json"  # written last: its presence means the corpus is complete
-_OUTPUTS = ("www", "eval", URL_PATHS, URLS, "retrieval.parquet")
+_OUTPUTS = ("www", "eval", "val", URL_PATHS, URLS, "retrieval.parquet")
 
 _HTML = """<!doctype html>
 <html><head><title>Photo gallery</title></head>
@@ -167,14 +167,19 @@ def _write_train(demo_dir: Path, cfg: DemoConfig, seen: list[str]) -> dict[str, 
     return {"good": len(good), **counts}
 
 
-def _write_eval(demo_dir: Path, cfg: DemoConfig, heldout: list[str]) -> None:
-    """eval/<class>/<n>.png for all 64 classes, plus classnames, templates and splits."""
-    eval_dir = demo_dir / "eval"
+def _write_labelled(
+    demo_dir: Path, cfg: DemoConfig, heldout: list[str], name: str, per_class: int
+) -> None:
+    """NAME/<class>/<n>.png for all 64 classes, plus classnames, templates and splits.
+
+    The random stream is named after the folder, so eval and val images never coincide.
+    """
+    eval_dir = demo_dir / name
     for folder in CLASSES:
         (eval_dir / folder).mkdir(parents=True)
         colour, shape = _split(folder)
-        for n in range(cfg.eval_images_per_class):
-            r = random.Random(f"{cfg.seed}/eval/{folder}/{n}")
+        for n in range(per_class):
+            r = random.Random(f"{cfg.seed}/{name}/{folder}/{n}")
             side = r.randint(cfg.min_image_side, cfg.max_image_side)
             # Drawn at served size, then reduced as the pipeline would: same look as training.
             image = render(sample_scene(r, shape, colour, side, side))
@@ -221,7 +226,10 @@ def build_demo_corpus(demo_dir: str | Path, cfg: DemoConfig) -> dict:
     heldout = heldout_classes(cfg.seed, cfg.num_heldout)
     seen = [c for c in CLASSES if c not in heldout]
     counts = _write_train(demo_dir, cfg, seen)
-    _write_eval(demo_dir, cfg, heldout)
+    _write_labelled(demo_dir, cfg, heldout, "eval", cfg.eval_images_per_class)
+    # A small validation folder for zero-shot probes during training and sweeps: model
+    # selection never looks at the final eval images.
+    _write_labelled(demo_dir, cfg, heldout, "val", cfg.val_images_per_class)
     _write_retrieval(demo_dir, cfg, seen)
 
     corpus = {
@@ -235,12 +243,14 @@ def build_demo_corpus(demo_dir: str | Path, cfg: DemoConfig) -> dict:
         "num_bad": cfg.num_train - counts["good"],
         "bad_counts": {k: counts[k] for k in BAD_KINDS},
         "num_eval_images": len(CLASSES) * cfg.eval_images_per_class,
+        "num_val_images": len(CLASSES) * cfg.val_images_per_class,
         "num_retrieval": cfg.num_retrieval,
         "paths": {
             "www": "www",
             "url_paths": URL_PATHS,
             "urls": URLS,
             "eval": "eval",
+            "val": "val",
             "retrieval": "retrieval.parquet",
         },
     }

@@ -100,3 +100,39 @@ def test_model_flag_sets_tokenizer_and_trainer_alike(tmp_path):
     args = argparse.Namespace(preset="tiny", model=str(config), input=None, allowed_networks="")
     cfg = build_config(args)
     assert cfg.train.model == cfg.prepare.tokenize.model == str(config.resolve())
+
+
+def test_training_flags_override_only_what_they_name():
+    sys.path.insert(0, str(REPO / "jobs"))
+    from common import add_train_args, base_parser, build_config
+
+    from pipeline.config import get_preset
+
+    parser = base_parser("train")
+    add_train_args(parser)
+    args = parser.parse_args(
+        ["--preset", "tiny", "--loss", "siglip", "--init-temperature", "0.1"]
+        + ["--fixed-temperature", "--accum-freq", "2", "--max-steps", "7", "--lr", "1e-3"]
+    )
+    train = build_config(args).train
+    preset = get_preset("tiny").train
+    assert (train.loss, train.init_temperature, train.learn_temperature) == ("siglip", 0.1, False)
+    assert (train.accum_freq, train.max_steps, train.lr) == (2, 7, 1e-3)
+    # Everything not named keeps the preset's value.
+    assert train.global_batch_size == preset.global_batch_size
+    assert train.grad_checkpointing is preset.grad_checkpointing is False
+    assert build_config(parser.parse_args(["--preset", "tiny"])).train == preset
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--loss", "hinge"], "loss 'hinge'"),
+        (["--global-batch-size", "100", "--num-workers", "3"], "does not split over 3 workers"),
+        (["--val-dataset", "no/such/folder"], "--val-dataset"),
+    ],
+)
+def test_bad_training_flags_stop_before_ray(tmp_path, flags, message):
+    result = _run("jobs/train.py", "--run-dir", str(tmp_path / "r"), *flags)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr

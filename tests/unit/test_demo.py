@@ -106,6 +106,17 @@ def test_64_classes_and_eval_folder_is_consistent(built):
     assert sorted(splits["seen"] + splits["heldout"]) == list(CLASSES)
 
 
+def test_val_folder_has_every_class_and_no_eval_image(built):
+    demo_dir, corpus = built
+    val_dir = demo_dir / "val"
+    assert sorted(p.name for p in val_dir.iterdir() if p.is_dir()) == list(CLASSES)
+    val = {p.read_bytes() for p in val_dir.glob("*/*.png")}
+    assert len(val) == 64 * SMALL.val_images_per_class == corpus["num_val_images"]
+    # Model selection on val never sees an eval image.
+    assert not val & {p.read_bytes() for p in (demo_dir / "eval").glob("*/*.png")}
+    assert (val_dir / "templates.txt").read_text() == (demo_dir / "eval/templates.txt").read_text()
+
+
 @pytest.mark.parametrize("seed", range(10))
 @pytest.mark.parametrize("num_heldout", [1, 6, 8, 20])
 def test_heldout_choice_keeps_every_shape_and_colour(seed, num_heldout):
