@@ -1,0 +1,353 @@
+"""What a sweep left in RUN/sweep, made readable: leaderboard, report.html, TensorBoard hparams.
+
+Reads only the files the sweep writes (sweep_config.json and each trial's history.jsonl), so
+it runs without Ray, on a sweep still running or one whose driver died, and its functions are
+tested on synthetic histories.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.rundir import write_json_atomic
+
+METRIC = "zeroshot_top1"
+HISTORY = "history.jsonl"
+CONFIG_FILE = "sweep_config.json"
+HEATMAP_PNG = "heatmap.png"
+CURVES_PNG = "curves.png"
+REPORT_HTML = "report.html"
+LEADERBOARD_JSON = "leaderboard.json"
+TENSORBOARD = "tensorboard"  # RUN/sweep/tensorboard/<trial>: the hparams sessions
+
+
+# -- reading a sweep ---------------------------------------------------------------------------
+def read_trial(history: Path, max_steps: int) -> dict[str, Any]:
+    """One trial from its history.jsonl: knobs, reports (one per step, the latest kept), status.
+
+    status: completed (reached max_steps), stopped (ended early: ASHA cut it), error, or
+    running (no end recorded: still running, or the driver died and a rerun will resume it).
+    """
+    params, hparams, end, trial_id = {}, {}, None, history.parent.name
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in history.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed driver
+            continue
+        if "params" in record:
+            params, hparams = record["params"], record.get("hparams", {})
+            trial_id = record.get("trial_id", trial_id)
+        elif "end" in record:
+            end = record["end"]
+        elif "step" in record:
+            # A resumed trial reports again from its checkpoint: the newest report wins.
+            by_step[int(record["step"])] = record
+    reports = [by_step[s] for s in sorted(by_step)]
+    steps = reports[-1]["step"] if reports else 0
+    if end == "error":
+        status = "error"
+    elif steps >= max_steps:
+        status = "completed"
+    elif end == "complete":
+        status = "stopped"
+    else:
+        status = "running"
+    scored = [r for r in reports if r.get(METRIC) is not None]
+    checkpoints = [r["checkpoint_path"] for r in reports if r.get("checkpoint_path")]
+    last = reports[-1] if reports else {}
+    return {
+        "trial_id": trial_id,
+        "dir": history.parent.name,
+        "params": params,
+        "hparams": hparams,
+        "status": status,
+        "steps": steps,
+        "final_top1": scored[-1][METRIC] if scored else None,
+        "best_top1": max(r[METRIC] for r in scored) if scored else None,
+        "final_loss": last.get("loss"),
+        # The learned temperature where it ended (1 / logit scale).
+        "final_temperature": 1.0 / last["logit_scale"] if last.get("logit_scale") else None,
+        "checkpoint": checkpoints[-1] if checkpoints else None,
+        "history": reports,
+    }
+
+
+def read_sweep(sweep_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the saved sweep config, its trials ranked best first) from a sweep folder."""
+    sweep_dir = Path(sweep_dir)
+    config_path = sweep_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no sweep in {sweep_dir}: {CONFIG_FILE} is missing")
+    config = json.loads(config_path.read_text())
+    max_steps = int(config["sweep"]["max_steps"])
+    trials = [read_trial(h, max_steps) for h in sorted(sweep_dir.glob(f"*/{HISTORY}"))]
+    return config, rank(trials)
+
+
+def rank(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best first: the last measured top-1, then the longer-trained, then the trial id."""
+
+    def key(t: dict[str, Any]):
+        top1 = t["final_top1"]
+        return (top1 is None, -(top1 or 0.0), -t["steps"], t["trial_id"])
+
+    return sorted(trials, key=key)
+
+
+def winner(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best-ranked trial whose checkpoint is still on disk, or None."""
+    for t in trials:
+        if t["status"] != "error" and t["checkpoint"] and Path(t["checkpoint"]).exists():
+            return t
+    return None
+
+
+# -- the terminal leaderboard ------------------------------------------------------------------
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+LEADERBOARD_COLUMNS = (
+    "#", "trial", "temp", "learn", "batch", "lr", "seed", "steps", "status", "top1", "best",
+    "end temp", "loss",
+)  # fmt: skip
+
+
+def leaderboard_rows(trials: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for i, t in enumerate(trials, 1):
+        hp = t["hparams"]
+        rows.append(
+            [
+                str(i),
+                t["trial_id"],
+                _num(hp.get("temperature"), ".3g"),
+                {True: "yes", False: "no"}.get(hp.get("learn_temperature"), "-"),
+                str(hp.get("batch_size", "-")),
+                _num(hp.get("lr"), ".2e"),
+                str(hp.get("seed", "-")),
+                str(t["steps"]),
+                t["status"],
+                _pct(t["final_top1"]),
+                _pct(t["best_top1"]),
+                _num(t["final_temperature"], ".3g"),
+                _num(t["final_loss"], ".3f"),
+            ]
+        )
+    return rows
+
+
+def format_leaderboard(trials: list[dict[str, Any]], sweep_dir: str | Path | None = None) -> str:
+    """The leaderboard as an aligned text table, best first, with the step counts spent."""
+    rows = [list(LEADERBOARD_COLUMNS), *leaderboard_rows(trials)]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(LEADERBOARD_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    stopped = sum(t["status"] == "stopped" for t in trials)
+    spent = sum(t["steps"] for t in trials)
+    head = f"{len(trials)} trials, {stopped} stopped early by ASHA, {spent} training steps"
+    if sweep_dir is not None:
+        head = f"sweep {sweep_dir}: {head}"
+    best = winner(trials)
+    tail = (
+        f"winner: {best['trial_id']} (top1 {_pct(best['final_top1'])} at step {best['steps']})"
+        if best
+        else "winner: none yet"
+    )
+    return "\n".join([head, *lines, tail])
+
+
+# -- pictures -----------------------------------------------------------------------------------
+def _temperature_labels(temperatures: list[float]) -> tuple[list[str], list[int]]:
+    """Row labels and each trial's row: the values themselves, or log bins when drawn at random."""
+    distinct = sorted(set(temperatures))
+    if len(distinct) <= 8:
+        return [f"{t:.3g}" for t in distinct], [distinct.index(t) for t in temperatures]
+    low, high = math.log(distinct[0]), math.log(distinct[-1])
+    bins = 6
+    edges = [math.exp(low + (high - low) * i / bins) for i in range(bins + 1)]
+    rows = [min(int((math.log(t) - low) / (high - low) * bins), bins - 1) for t in temperatures]
+    return [f"{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(bins)], rows
+
+
+def plot_heatmap(trials: list[dict[str, Any]], path: Path) -> Path:
+    """Best last top-1 per (initial temperature, batch size), over the other knobs."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    scored = [t for t in trials if t["final_top1"] is not None and t["hparams"]]
+    batches = sorted({t["hparams"]["batch_size"] for t in scored})
+    labels, rows = _temperature_labels([t["hparams"]["temperature"] for t in scored])
+    grid = np.full((len(labels), len(batches)), np.nan)
+    for t, r in zip(scored, rows, strict=True):
+        c = batches.index(t["hparams"]["batch_size"])
+        grid[r, c] = np.nanmax([grid[r, c], 100 * t["final_top1"]])
+    fig = Figure(figsize=(1.6 + 1.3 * max(len(batches), 1), 1.4 + 0.55 * max(len(labels), 1)))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto", vmin=0)
+    top = np.nanmax(grid) if np.isfinite(grid).any() else 0.0
+    for r in range(len(labels)):
+        for c in range(len(batches)):
+            text = "-" if np.isnan(grid[r, c]) else f"{grid[r, c]:.1f}"
+            # Dark text on viridis' light (high) end, light text on its dark end.
+            colour = "black" if grid[r, c] > 0.6 * top else "white"
+            ax.text(c, r, text, ha="center", va="center", color=colour, fontsize=9)
+    ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("global batch size")
+    ax.set_ylabel("initial temperature")
+    ax.set_title("best zero-shot top-1 (%)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_curves(trials: list[dict[str, Any]], path: Path) -> Path:
+    """Zero-shot top-1 and loss against step for every trial; x where ASHA stopped one."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for t in trials:
+        hp = t["hparams"]
+        label = f"{t['trial_id']} T={hp.get('temperature', 0):.3g} B={hp.get('batch_size')}"
+        scored = [r for r in t["history"] if r.get(METRIC) is not None]
+        steps = [r["step"] for r in scored]
+        (line,) = acc_ax.plot(steps, [100 * r[METRIC] for r in scored], marker=".", label=label)
+        colour = line.get_color()
+        losses = [r for r in t["history"] if r.get("loss") is not None]
+        loss_ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], color=colour)
+        if t["status"] == "stopped" and scored:
+            acc_ax.plot(
+                steps[-1], 100 * scored[-1][METRIC], "x", color=colour,
+                markersize=11, markeredgewidth=2.5,
+            )  # fmt: skip
+    acc_ax.plot([], [], "kx", markersize=9, label="stopped by ASHA")
+    acc_ax.set_xlabel("step")
+    acc_ax.set_ylabel("zero-shot top-1 on the validation folder (%)")
+    acc_ax.legend(fontsize=7, loc="best")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("contrastive loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# -- TensorBoard hparams ----------------------------------------------------------------------
+def write_hparams(trials: list[dict[str, Any]], tb_dir: Path) -> Path:
+    """One TensorBoard run per trial: its knobs against its final metrics (the HPARAMS tab),
+    and its zero-shot curve. Rewritten whole, so a resumed sweep lists each trial once."""
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
+
+    shutil.rmtree(tb_dir, ignore_errors=True)
+    for t in trials:
+        if not t["hparams"]:
+            continue
+        hp = dict(t["hparams"])
+        hp["status"] = t["status"]
+        metrics = {
+            "hparams/final_top1": t["final_top1"],
+            "hparams/best_top1": t["best_top1"],
+            "hparams/steps": float(t["steps"]),
+            "hparams/final_loss": t["final_loss"],
+            "hparams/final_temperature": t["final_temperature"],
+        }
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+        with SummaryWriter(str(tb_dir / t["trial_id"])) as writer:
+            for r in t["history"]:
+                if r.get(METRIC) is not None:
+                    writer.add_scalar(f"sweep/{METRIC}", r[METRIC], r["step"])
+            experiment, start, end = hparams(hp, metrics)
+            for summary in (experiment, start, end):
+                writer.file_writer.add_summary(summary)
+            # The HPARAMS tab reads each metric as the run's scalar of that tag.
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, t["steps"])
+    return tb_dir
+
+
+# -- report.html --------------------------------------------------------------------------------
+def _html_table(trials: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in LEADERBOARD_COLUMNS)
+    body = []
+    for t, row in zip(trials, leaderboard_rows(trials), strict=True):
+        cls = ' class="winner"' if best is not None and t is best else ""
+        cells = "".join(f"<td>{html.escape(c)}</td>" for c in row)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def write_report(sweep_dir: str | Path) -> dict[str, Any]:
+    """Write report.html with its PNGs, the hparams runs and leaderboard.json; return a summary."""
+    sweep_dir = Path(sweep_dir)
+    config, trials = read_sweep(sweep_dir)
+    best = winner(trials)
+    heatmap = plot_heatmap(trials, sweep_dir / HEATMAP_PNG)
+    curves = plot_curves(trials, sweep_dir / CURVES_PNG)
+    write_hparams(trials, sweep_dir / TENSORBOARD)
+    sweep = config["sweep"]
+    stopped = sum(t["status"] == "stopped" for t in trials)
+    spent = sum(t["steps"] for t in trials)
+    winner_line = (
+        f"Winner: <b>{html.escape(best['trial_id'])}</b> "
+        f"{html.escape(json.dumps(best['hparams']))}, zero-shot top-1 "
+        f"{_pct(best['final_top1'])} at step {best['steps']}."
+        if best
+        else "No trial has a checkpoint yet."
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Sweep report: {html.escape(str(sweep_dir))}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #bbb; padding: 3px 8px; text-align: right; }}
+tr.winner {{ background: #e6f4e6; font-weight: bold; }}
+</style></head><body>
+<h1>Sweep report</h1>
+<p>{len(trials)} trials ({sweep["search"]} search, {sweep["scheduler"]} scheduler),
+{stopped} stopped early, {spent} training steps in all (at most {sweep["max_steps"]} each).
+Ranked by zero-shot top-1 on the validation folder {html.escape(config["val_dataset"])}.</p>
+<p>{winner_line}</p>
+<h2>Best accuracy by initial temperature and batch size</h2>
+<img src="{HEATMAP_PNG}" alt="heatmap of the best zero-shot top-1">
+<h2>Learning curves</h2>
+<img src="{CURVES_PNG}" alt="zero-shot top-1 and loss of every trial against step">
+<h2>Leaderboard</h2>
+{_html_table(trials, best)}
+<p>TensorBoard (the HPARAMS tab compares the trials):
+<code>tensorboard --logdir {html.escape(str(sweep_dir))} --host 127.0.0.1</code></p>
+</body></html>
+"""
+    report_path = sweep_dir / REPORT_HTML
+    tmp = report_path.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(report_path)
+    summary = {
+        "html": str(report_path),
+        "pngs": [str(heatmap), str(curves)],
+        "tensorboard": str(sweep_dir / TENSORBOARD),
+        "trials": len(trials),
+        "stopped_early": stopped,
+        "steps_total": spent,
+        "winner": None
+        if best is None
+        else {k: best[k] for k in ("trial_id", "params", "hparams", "steps", "final_top1")}
+        | {"checkpoint": best["checkpoint"]},
+        "leaderboard": [{k: v for k, v in t.items() if k != "history"} for t in trials],
+    }
+    write_json_atomic(sweep_dir / LEADERBOARD_JSON, summary)
+    return summary
