@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -54,6 +55,86 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         help="comma-separated CIDR networks that downloads may reach although private, loopback "
         "or reserved (e.g. 10.0.0.0/8); the demo allows 127.0.0.1/32 itself",
     )
+    parser.add_argument(
+        "--save-additional-columns",
+        default="",
+        help="comma-separated columns of --input kept in shards and rejects, after the standard "
+        "columns (e.g. uid,license)",
+    )
+    parser.add_argument(
+        "--decontaminate",
+        default=None,
+        metavar="EVAL_DIR",
+        help="drop training images that are near-duplicates (perceptual hash) of any image under "
+        "this folder, e.g. the eval set",
+    )
+    parser.add_argument(
+        "--near-duplicate-distance",
+        type=int,
+        default=None,
+        help="drop images within this Hamming distance (0-15, 64-bit pHash) of an earlier kept "
+        "one (default: the preset's; off in demo and tiny)",
+    )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="fetch again only the rows rejected for transient reasons (timeouts, 5xx, 429, "
+        "connection errors); the recovered move from rejects to shards",
+    )
+
+
+# Training flags: each overrides one TrainConfig field of the preset (None keeps the preset's).
+TRAIN_FLAGS = {
+    "num_workers": (int, "Ray Train workers (one GPU each with --use-gpu)"),
+    "cpus_per_worker": (float, "CPUs each worker reserves"),
+    "global_batch_size": (int, "samples per step over all workers"),
+    "epochs": (int, "passes over the shards"),
+    "max_steps": (int, "train exactly this many steps instead (0: epochs decide)"),
+    "lr": (float, "peak learning rate (cosine schedule after warmup)"),
+    "warmup_steps": (int, "linear warmup steps"),
+    "loss": (str, "clip (open_clip's ClipLoss) or siglip"),
+    "init_temperature": (float, "initial softmax temperature (logit scale 1/T)"),
+    "accum_freq": (int, "micro-batches per worker batch (feature-cache accumulation)"),
+    "grad_clip_norm": (float, "clip the gradient norm here (0: no clipping)"),
+    "precision": (str, "auto (bf16 autocast on GPU), bf16 or fp32"),
+    "checkpoint_every_steps": (int, "checkpoint (and report) every N steps"),
+    "zeroshot_every_steps": (int, "zero-shot probe on --val-dataset every N steps (0: off)"),
+    "max_failures": (int, "worker failures survived by restoring the last checkpoint"),
+    "seed": (int, "initial weights and data order"),
+}
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (default: the preset's)")
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        # SUPPRESS: a flag not given leaves no attribute, so the preset's value stays.
+        group.add_argument(
+            "--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, help=text
+        )
+    for flag, text in (
+        ("--use-gpu", "one GPU a worker (NCCL); default: the preset's"),
+        ("--fixed-temperature", "keep the temperature at --init-temperature, do not learn it"),
+        ("--grad-checkpointing", "recompute transformer activations in backward: less memory"),
+    ):
+        group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+    group.add_argument(
+        "--val-dataset",
+        default=argparse.SUPPRESS,
+        help="small labelled image folder probed zero-shot during training (default: the "
+        "demo's val folder)",
+    )
+
+
+def _train_overrides(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
+    changes = {n: getattr(args, n) for n in TRAIN_FLAGS if getattr(args, n, None) is not None}
+    for flag, field, value in (
+        ("use_gpu", "use_gpu", True),
+        ("fixed_temperature", "learn_temperature", False),
+        ("grad_checkpointing", "grad_checkpointing", True),
+    ):
+        if getattr(args, flag, None):
+            changes[field] = value
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +185,26 @@ def build_config(args: argparse.Namespace) -> PipelineConfig:
             cfg.prepare.download, allowed_networks=_networks(args.allowed_networks)
         )
         cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, download=download))
-    return cfg
+    return _train_overrides(_data_filters(cfg, args), args)
+
+
+def _data_filters(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
+    """--save-additional-columns, --decontaminate and --near-duplicate-distance."""
+    prepare, filters = cfg.prepare, cfg.prepare.filters
+    extra = tuple(c.strip() for c in getattr(args, "save_additional_columns", "").split(","))
+    if any(extra):
+        prepare = dataclasses.replace(prepare, save_additional_columns=tuple(c for c in extra if c))
+    if getattr(args, "decontaminate", None):
+        # Absolute: the run's config (and its hash) must not depend on the current directory.
+        filters = dataclasses.replace(
+            filters, decontaminate=str(Path(args.decontaminate).resolve())
+        )
+    distance = getattr(args, "near_duplicate_distance", None)
+    if distance is not None:
+        if not 0 <= distance <= 15:
+            raise ValueError(f"--near-duplicate-distance: {distance} is not within 0..15")
+        filters = dataclasses.replace(filters, near_duplicate_distance=distance)
+    return dataclasses.replace(cfg, prepare=dataclasses.replace(prepare, filters=filters))
 
 
 def build_pipeline(args: argparse.Namespace) -> Pipeline:
@@ -115,21 +215,44 @@ def build_pipeline(args: argparse.Namespace) -> Pipeline:
         run=RunDir.at(run_dir),
         input_path=getattr(args, "input", None),
         eval_dataset=getattr(args, "eval_dataset", None),
+        val_dataset=getattr(args, "val_dataset", None),
         force=args.force,
+        retry_failed=getattr(args, "retry_failed", False),
     )
 
 
 def init_ray(address: str | None) -> None:
     """Join the cluster (ray job submit sets RAY_ADDRESS), or start Ray on this machine."""
     import ray
+    from ray._private.services import find_bootstrap_address, get_node_ip_address
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    running = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+    starts_here = address == "local" or (address is None and not running)
+    if starts_here:
+        # Workers of a cluster started here must know its address: Ray Train's placement-group
+        # cleaner (which frees a stopped sweep trial's CPUs) looks the cluster up, and with
+        # another Ray running on the machine it cannot tell which one is its own and gives up.
+        # Pick the GCS port, and export the address to the processes the new cluster spawns.
+        port = _free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+        address = "local"
     ray.init(address=address, configure_logging=False)
 
 
-def run_job(description: str, stages: tuple[str, ...], data: bool, eval_set: bool) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(
+    description: str, stages: tuple[str, ...], data: bool, eval_set: bool, sweep: bool = False
+) -> None:
     """Parse flags, check inputs before Ray starts, run `stages`, print the summary.
 
+    sweep: offer --sweep, which runs the sweep stage in place of train.
     Bad input ends with one line naming the problem and exit status 2.
     """
     parser = base_parser(description)
@@ -137,10 +260,23 @@ def run_job(description: str, stages: tuple[str, ...], data: bool, eval_set: boo
         add_data_args(parser)
     if eval_set:
         add_eval_args(parser)
+    if "train" in stages:
+        add_train_args(parser)
+    if sweep:
+        parser.add_argument(
+            "--sweep",
+            action="store_true",
+            help="instead of one training run, a Tune sweep (the preset's sweep section; "
+            "jobs/sweep.py takes every knob) whose best trial becomes RUN/model",
+        )
     args = parser.parse_args()
     try:
         pipeline = build_pipeline(args)
         pipeline.check_inputs()
+        if getattr(args, "sweep", False):
+            stages = tuple("sweep" if s == "train" else s for s in stages)
+            pipeline.model_stage = "sweep"
+            pipeline.check_sweep(prepared="prepare" not in stages)
         init_ray(args.address)
         for stage in stages:
             getattr(pipeline, stage)()

@@ -22,6 +22,7 @@ class DemoConfig:
     seed: int = 0
     num_train: int = 10_000  # enough pairs for a tiny CLIP to learn 64 classes in minutes
     eval_images_per_class: int = 20  # 64 classes x 20 = 1,280 fresh eval images
+    val_images_per_class: int = 4  # 256 images: a zero-shot probe cheap enough to run often
     num_retrieval: int = 500  # image-caption pairs for retrieval R@k, unseen captions
     min_image_side: int = 80  # served images are bigger than the training size: resizing is real
     max_image_side: int = 160
@@ -50,6 +51,10 @@ class DownloadConfig:
     max_redirects: int = 5
     max_bytes: int = 16 * MIB  # bodies are capped while streaming
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb threshold
+    # JPEGs much bigger than the target are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+    # scaling) before img2dataset's resize: same output size, visually the same, several
+    # times less decoding work. False: always img2dataset's full-size decode.
+    fast_resize: bool = True
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,14 @@ class FilterConfig:
     min_caption_words: int = 2  # a bare word is a label, not a caption
     caption_blocklist: tuple[str, ...] = ()  # regular expressions, matched case-insensitively
     dedup_images: bool = True  # exact duplicates by sha256 of the downloaded bytes
+    # Near-duplicates: 64-bit perceptual hashes (imagehash.phash) within this Hamming distance
+    # of an earlier kept image. None: off (re-encodes and resizes of one photo are 0-4 apart;
+    # the demo's drawn shapes are legitimately alike, so it is off by default).
+    near_duplicate_distance: int | None = None
+    # An eval image folder: training images within `decontaminate_distance` of any of its
+    # images are dropped, so zero-shot scores are not inflated by memorised test images.
+    decontaminate: str | None = None
+    decontaminate_distance: int = 4  # a little looser than near-dups: a leak costs more
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,11 @@ class TokenizeConfig:
 class PrepareConfig:
     url_col: str = "url"
     caption_col: str = "caption"
-    rows_per_shard: int = 2_000  # ~2-6 MB shards at 64 px: a few per worker, cheap to stream
+    # Input rows per shard: shard N holds the survivors of input rows [N*k, (N+1)*k), and is
+    # the unit of resume (~2-6 MB shards at 64 px: a few per worker, cheap to stream).
+    rows_per_shard: int = 2_000
+    # Extra URL-list columns carried into shards and rejects, after the DESIGN.md columns.
+    save_additional_columns: tuple[str, ...] = ()
     download: DownloadConfig = field(default_factory=DownloadConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
@@ -96,12 +113,28 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 50
     init_temperature: float = 0.07  # CLIP's initial temperature, logit scale 1/0.07
-    learn_temperature: bool = True
+    learn_temperature: bool = True  # False: fixed, so a sweep's temperature axis is exactly it
     max_logit_scale: float = 100.0  # CLIP clamps the learned scale here
+    loss: str = "clip"  # "clip" (open_clip's ClipLoss) or "siglip" (sigmoid loss; set temp 0.1)
+    init_logit_bias: float = -10.0  # SigLIP only: the paper's initial bias
+    max_steps: int = 0  # 0: `epochs` epochs; otherwise exactly this many steps
+    # Feature-cache accumulation: each worker's batch runs as accum_freq micro-batches, so a
+    # global batch bigger than memory keeps the same loss and gradients.
+    accum_freq: int = 1
+    grad_clip_norm: float = 0.0  # 0: no clipping; the norm is logged either way
+    grad_checkpointing: bool = False  # recompute transformer activations: less memory, ~30% time
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or "bf16", "fp32"
     seed: int = 0
     checkpoint_every_steps: int = 200
     max_failures: int = 2  # worker deaths survived by restoring the last checkpoint
     log_every_steps: int = 10
+    # Zero-shot top-1 on a small held-out folder (--val-dataset; the demo has one) every N
+    # steps (0: never): TensorBoard shows what the model learns, and a sweep's early stopping
+    # ranks trials by it.
+    zeroshot_every_steps: int = 60
+    zeroshot_images_per_class: int = 4
+    placement_strategy: str = "PACK"  # Ray's placement of workers: PACK or SPREAD over nodes
+    data_cpus_per_task: float = 0.25  # Ray Data read+decode tasks beside the workers
 
 
 @dataclass(frozen=True)
@@ -113,22 +146,93 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """A Ray Tune sweep of the contrastive knobs, early-stopped by ASHA on zero-shot accuracy.
+
+    Every trial trains `max_steps` steps unless ASHA stops it at a rung (grace_period,
+    grace_period * reduction_factor, ...); zero-shot top-1 on a small held-out image folder is
+    measured every `zeroshot_every_steps`, so rungs should fall on multiples of it.
+    """
+
+    # The search space. A list is a grid axis (grid) or a choice (random, optuna).
+    temperatures: tuple[float, ...] = (0.02, 0.07, 0.2, 0.5)  # CLIP starts at 0.07
+    # (low, high): the initial temperature drawn log-uniformly (random and optuna search only).
+    temperature_range: tuple[float, float] | None = None
+    learn_temperature: tuple[bool, ...] = (True,)  # (True, False) also sweeps a fixed one
+    batch_sizes: tuple[int, ...] = (64, 128)  # global batch sizes
+    # linear: lr = base_lr * batch / base_batch (Goyal et al.); sqrt: * sqrt(batch / base_batch),
+    # gentler for Adam-type optimisers; swept: `lrs` is one more axis of the space.
+    lr_rule: str = "sqrt"
+    # Short trials want a brisk lr: the demo's 2e-3, here at batch 128 rather than 256.
+    base_lr: float = 2e-3
+    base_batch_size: int = 128
+    lrs: tuple[float, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    search: str = "grid"  # grid, random or optuna
+    num_samples: int = 1  # trials drawn by random/optuna search; grid: repeats of the grid
+    # Early stopping.
+    scheduler: str = "asha"  # asha, or none to run every trial to the end
+    max_steps: int = 90  # each trial's budget (ASHA's max_t)
+    # The first rung: on the demo, zero-shot top-1 is still at chance (1/64) at step 20 and
+    # only rises above it from about step 30; a rung earlier would rank noise.
+    grace_period: int = 30
+    reduction_factor: int = 3  # ASHA keeps the top third at each rung: rungs at 30 and 90
+    zeroshot_every_steps: int = 15
+    zeroshot_images_per_class: int = 4  # 64 classes x 4: a probe of ~1 s on a CPU
+    warmup_steps: int = 10  # short trials: the preset's warmup would be most of the budget
+    # Resources. 0: the training config's number of workers.
+    workers_per_trial: int = 0
+    # The Tune function only waits on its trainer, yet holds a slot in the cluster.
+    driver_cpus_per_trial: float = 0.05
+    # Kept free per trial for its Ray Data read and decode tasks. Ray Data takes whatever CPU
+    # is free: with less kept, a running trial's decode tasks can hold the CPU a starting
+    # trial's workers wait for (Ray Train gives up after 60 s). On 2 cores this means one
+    # trial at a time.
+    data_cpus_per_trial: float = 0.5
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs and GPUs fit
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     preset: str = "demo"
     demo: DemoConfig = field(default_factory=DemoConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def _tiny() -> PipelineConfig:
     # The same path as the demo on a few hundred pairs: about a minute, for tests.
     return PipelineConfig(
         preset="tiny",
-        demo=DemoConfig(num_train=400, eval_images_per_class=2, num_retrieval=64),
+        demo=DemoConfig(
+            num_train=400, eval_images_per_class=2, val_images_per_class=1, num_retrieval=64
+        ),
         prepare=PrepareConfig(rows_per_shard=150),
-        train=TrainConfig(global_batch_size=64, epochs=2, warmup_steps=2, checkpoint_every_steps=5),
+        train=TrainConfig(
+            global_batch_size=64,
+            epochs=2,
+            warmup_steps=2,
+            checkpoint_every_steps=5,
+            zeroshot_every_steps=5,
+            zeroshot_images_per_class=1,
+        ),
         eval=EvalConfig(batch_size=128),
+        # Four short trials, so a test sees ASHA stop some within a minute or two.
+        sweep=SweepConfig(
+            temperatures=(0.03, 0.5),
+            batch_sizes=(32, 64),
+            base_lr=2e-3,
+            base_batch_size=64,
+            max_steps=8,
+            grace_period=2,
+            reduction_factor=2,
+            zeroshot_every_steps=2,
+            zeroshot_images_per_class=2,
+            warmup_steps=2,
+            workers_per_trial=1,  # one worker starts faster; one trial at a time on 2 cores
+        ),
     )
 
 
@@ -139,21 +243,37 @@ def _datacomp_small() -> PipelineConfig:
         prepare=PrepareConfig(
             rows_per_shard=10_000,
             download=DownloadConfig(image_size=224, concurrency=16, thread_count=64),
+            # Web crawls repeat the same photo under many URLs and sizes.
+            filters=FilterConfig(near_duplicate_distance=2),
             tokenize=TokenizeConfig(model="ViT-B-32"),
         ),
         train=TrainConfig(
             model="ViT-B-32",
             num_workers=8,
             use_gpu=True,
-            cpus_per_worker=8,
             global_batch_size=4096,
-            epochs=1,
+            max_steps=3_125,  # 12.8M samples seen, however many epochs the pool allows
             lr=5e-4,
             weight_decay=0.2,
             warmup_steps=500,
-            checkpoint_every_steps=1_000,
+            checkpoint_every_steps=500,
+            zeroshot_every_steps=500,
+            cpus_per_worker=8,  # decoding 224 px JPEGs for an H100/A100 takes many cores
         ),
         eval=EvalConfig(concurrency=4),
+        # Every trial on all 8 GPU workers; a tenth of the schedule each, ASHA cuts at 250 steps.
+        sweep=SweepConfig(
+            temperatures=(0.03, 0.07, 0.1),
+            batch_sizes=(2048, 4096),
+            base_lr=5e-4,
+            base_batch_size=4096,
+            max_steps=750,
+            grace_period=250,
+            zeroshot_every_steps=125,
+            warmup_steps=100,
+            workers_per_trial=0,
+            data_cpus_per_trial=4,
+        ),
     )
 
 

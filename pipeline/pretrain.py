@@ -44,7 +44,10 @@ class Pipeline:
     run: RunDir
     input_path: str | None = None  # None: the built-in demo corpus
     eval_dataset: str | None = None  # None: the demo's eval folder
+    val_dataset: str | None = None  # zero-shot probes while training; None: the demo's val folder
     force: bool = False
+    retry_failed: bool = False  # prepare: fetch again the rows rejected for transient reasons
+    model_stage: str = "train"  # the stage whose model RUN/model holds: train, or sweep's winner
     log: Any = print
     _urls: Any = dataclasses.field(default=None, init=False, repr=False)
     _forced: set[str] = dataclasses.field(default_factory=set, init=False, repr=False)
@@ -57,11 +60,29 @@ class Pipeline:
         from pipeline.evaluate import load_image_folder
         from pipeline.prepare import read_url_list
 
+        p = self.cfg.prepare
         if self.input_path is not None:
-            p = self.cfg.prepare
-            self._urls = read_url_list(self.input_path, p.url_col, p.caption_col)
+            self._urls = read_url_list(
+                self.input_path, p.url_col, p.caption_col, p.save_additional_columns
+            )
+        if p.filters.decontaminate is not None:
+            from pipeline.filters import IMAGE_SUFFIXES
+
+            folder = Path(p.filters.decontaminate)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"--decontaminate: {str(folder)!r} is not a folder")
+            if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.rglob("*")):
+                raise ValueError(f"--decontaminate: no images under {str(folder)!r}")
         if self.eval_dataset is not None:
             load_image_folder(self.eval_dataset, self.cfg.eval.classnames, self.cfg.eval.templates)
+        if self.val_dataset is not None:
+            try:
+                load_image_folder(self.val_dataset)
+            except (ValueError, FileNotFoundError) as err:
+                raise type(err)(f"--val-dataset: {err}") from None
+        from pipeline.train import check_config
+
+        check_config(self.cfg.train)
 
     # -- demo corpus -------------------------------------------------------------------------
     def demo(self) -> dict[str, Any]:
@@ -120,15 +141,26 @@ class Pipeline:
         from pipeline.prepare import format_funnel, read_url_list, run_prepare
 
         h = self._prepare_hash()
-        if self._skip("prepare", h):
+        # A retry reopens a finished stage (of this very config: is_done refuses another one).
+        retry = self.retry_failed and self.run.is_done("prepare", h) and not self.force
+        if not retry and self._skip("prepare", h):
             return json.loads(self.run.stats_path.read_text())
         with self._url_list() as (path, cfg):
             p = cfg.prepare
             urls = self._urls if self._urls is not None and path == self.input_path else None
             if urls is None:
-                urls = read_url_list(path, p.url_col, p.caption_col)
+                urls = read_url_list(path, p.url_col, p.caption_col, p.save_additional_columns)
             self.log(f"[prepare] {len(urls)} rows from {path}")
-            stats = run_prepare(urls, self.run, p)
+            stats = run_prepare(
+                urls,
+                self.run,
+                p,
+                # The demo's list names a new port each time: its fingerprint is its config.
+                fingerprint=None if self.input_path is not None else h,
+                retry_failed=self.retry_failed,
+                fresh=self.force,
+                log=self.log,
+            )
         self.log(format_funnel(stats))
         self.run.mark_done("prepare", h, samples=stats["samples"], rejects=stats["rejects"])
         return stats
@@ -155,10 +187,74 @@ class Pipeline:
         self.run.train.mkdir(parents=True, exist_ok=True)
         marker.write_text(h)
         self.log(f"[train] {num_samples} samples, {self.cfg.train.num_workers} workers")
-        _, metrics = run_training(self.cfg.train, self.run.shards, num_samples, self.run.root)
+        _, metrics = run_training(
+            self.cfg.train,
+            self.run.shards,
+            num_samples,
+            self.run.root,
+            zeroshot_dataset=self.val_path(),
+        )
         metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         self.run.mark_done("train", h, metrics=metrics, model=str(self.run.model))
         return metrics
+
+    def val_path(self) -> Path | None:
+        """The small labelled folder probed during training (and ranked on by sweeps)."""
+        if self.val_dataset is not None:
+            return Path(self.val_dataset)
+        if self.input_path is None and (self.run.demo / "val").is_dir():
+            return self.run.demo / "val"
+        return None
+
+    def check_sweep(self, prepared: bool = True) -> None:
+        """Fail before Ray starts on what a sweep needs: a search space, a val folder, shards."""
+        from pipeline.sweep import check_sweep
+
+        check_sweep(self.cfg.sweep, self.cfg.train)
+        if self.val_dataset is None and self.input_path is not None:
+            raise ValueError("a sweep ranks trials on a held-out image folder: pass --val-dataset")
+        if prepared:
+            if self.val_path() is None:
+                raise FileNotFoundError(
+                    f"no validation folder in {self.run.demo / 'val'}: pass --val-dataset"
+                )
+            check_sweep(self.cfg.sweep, self.cfg.train, count_samples(self.run.shards))
+
+    def sweep(self) -> dict[str, Any]:
+        """Tune trials over the shared shards; the best one exported to RUN/model. Resumable."""
+        from pipeline.sweep import export_winner, run_sweep
+
+        self.model_stage = "sweep"
+        self.check_sweep()
+        val = self.val_path().resolve()
+        upstream = (self.run.stage("prepare") or {}).get("config_hash", "external")
+        h = _chain(config_hash(self.cfg.sweep), config_hash(self.cfg.train), str(val), upstream)
+        if self._skip("sweep", h):
+            return self.run.stage("sweep")["winner"]
+        marker = self.run.sweep / ".config_hash"
+        if self.force and self.run.sweep.exists():
+            shutil.rmtree(self.run.sweep)
+        if marker.exists() and marker.read_text() != h:
+            raise StageConfigMismatch(
+                f"{self.run.sweep} holds an unfinished sweep with another configuration; "
+                "rerun with --force to discard it, or choose another --run-dir"
+            )
+        self.run.sweep.mkdir(parents=True, exist_ok=True)
+        marker.write_text(h)
+        shards = self.run.shards
+        num_samples = count_samples(shards)
+        report = run_sweep(
+            self.cfg.train, self.cfg.sweep, shards, num_samples, self.run.sweep, val, log=self.log
+        )
+        winner = report["winner"]
+        export_winner(self.run.sweep, winner, self.run.model)
+        self.run.forget("eval")  # it scored the model the winner replaces
+        counts = {k: report[k] for k in ("trials", "stopped_early", "steps_total", "winner")}
+        metrics = {"step": winner["steps"], "zeroshot_top1": winner["final_top1"]}
+        self.run.mark_done(
+            "sweep", h, **counts, report=report["html"], metrics=metrics, model=str(self.run.model)
+        )
+        return winner
 
     def _eval_paths(self) -> tuple[Path, Path | None]:
         if self.eval_dataset is not None:
@@ -176,7 +272,7 @@ class Pipeline:
         )
 
         dataset, retrieval = self._eval_paths()
-        upstream = (self.run.stage("train") or {}).get("config_hash", "external")
+        upstream = (self.run.stage(self.model_stage) or {}).get("config_hash", "external")
         h = _chain(config_hash(self.cfg.eval), str(dataset.resolve()), upstream)
         if self._skip("eval", h):
             return json.loads(self.run.eval_results_path.read_text())
@@ -190,7 +286,7 @@ class Pipeline:
         results["dataset"] = str(dataset)
         write_json_atomic(self.run.eval_results_path, results)
         # At the last training step, so runs compare on one axis in TensorBoard.
-        step = (self.run.stage("train") or {}).get("metrics", {}).get("step", 0)
+        step = (self.run.stage(self.model_stage) or {}).get("metrics", {}).get("step", 0)
         write_tensorboard(results, self.run.root / "eval" / "tensorboard", step=int(step))
         self.log(format_markdown(results))
         self.run.mark_done("eval", h, top1=results["top1"])
@@ -212,7 +308,16 @@ class Pipeline:
             "data": {
                 k: stats.get(k) for k in ("rows_in", "samples", "rejects", "images_per_second")
             },
-            "train": {k: train.get(k) for k in ("step", "loss", "samples_per_second")},
+            "train": {
+                k: train.get(k)
+                for k in (
+                    "step",
+                    "loss",
+                    "samples_per_second",
+                    "data_wait_fraction",
+                    "zeroshot_top1",
+                )
+            },
             "eval": {
                 k: v for k, v in results.items() if isinstance(v, int | float) and k != "num_images"
             },
@@ -228,6 +333,12 @@ class Pipeline:
                 "summary": str(run.summary_path),
             },
         }
+        if "sweep" in stages:
+            sweep = stages["sweep"]
+            summary["sweep"] = {
+                k: sweep.get(k) for k in ("trials", "stopped_early", "steps_total", "winner")
+            }
+            summary["paths"]["sweep_report"] = sweep.get("report")
         write_json_atomic(run.summary_path, summary)
         return summary
 
@@ -248,6 +359,26 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"train: {t['step']} steps, final loss {t['loss']:.3f}, "
             f"{t['samples_per_second']:.0f} samples/s"
+            + (
+                f", data wait {100 * t['data_wait_fraction']:.1f}%"
+                if t.get("data_wait_fraction") is not None
+                else ""
+            )
+            + (
+                f", val zero-shot top1 {100 * t['zeroshot_top1']:.1f}%"
+                if t.get("zeroshot_top1") is not None
+                else ""
+            )
+        )
+    if summary.get("sweep"):
+        s, w = summary["sweep"], summary["sweep"]["winner"]
+        knobs = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["hparams"].items()
+        )
+        lines.append(
+            f"sweep: {s['trials']} trials, {s['stopped_early']} stopped early by ASHA, "
+            f"{s['steps_total']} steps; winner {w['trial_id']} ({knobs}): val top1 "
+            f"{100 * w['final_top1']:.1f}% at step {w['steps']}"
         )
     if e:
         lines.append(
