@@ -161,7 +161,7 @@ def test_kill_minus_9_then_rerun_equals_an_uninterrupted_run(ray_local, server, 
         _kill_session(ray_tmp)
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     done_at_kill = sorted(int(p.stem[5:]) for p in progress.glob("part-?????.json"))
-    assert 1 <= len(done_at_kill) < 3, done_at_kill
+    assert len(done_at_kill) in (1, 2), done_at_kill
     assert "prepare" not in RunDir.at(run_dir).manifest()["stages"]
     before = Counter(server.hits)
 
