@@ -169,6 +169,20 @@ class Pipeline:
         upstream = (self.run.stage("prepare") or {}).get("config_hash", "external")
         return _chain(config_hash(self.cfg.train), upstream)
 
+    def _claim(self, folder: Path, h: str, what: str) -> None:
+        """Take `folder` for a stage with config hash `h`: an unfinished run there with another
+        configuration is refused (resuming it would mix two configurations), unless forced."""
+        marker = folder / ".config_hash"
+        if self.force and folder.exists():
+            shutil.rmtree(folder)
+        if marker.exists() and marker.read_text() != h:
+            raise StageConfigMismatch(
+                f"{folder} holds an unfinished {what} with another configuration; "
+                "rerun with --force to discard it, or choose another --run-dir"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(h)
+
     def train(self) -> dict[str, Any]:
         from pipeline.train import run_training
 
@@ -176,16 +190,7 @@ class Pipeline:
         if self._skip("train", h):
             return self.run.stage("train")["metrics"]
         num_samples = count_samples(self.run.shards)
-        marker = self.run.train / ".config_hash"
-        if self.force and self.run.train.exists():
-            shutil.rmtree(self.run.train)
-        if marker.exists() and marker.read_text() != h:
-            raise StageConfigMismatch(
-                f"{self.run.train} holds an unfinished training run with another configuration; "
-                "rerun with --force to discard it, or choose another --run-dir"
-            )
-        self.run.train.mkdir(parents=True, exist_ok=True)
-        marker.write_text(h)
+        self._claim(self.run.train, h, "training run")
         self.log(f"[train] {num_samples} samples, {self.cfg.train.num_workers} workers")
         _, metrics = run_training(
             self.cfg.train,
@@ -231,16 +236,7 @@ class Pipeline:
         h = _chain(config_hash(self.cfg.sweep), config_hash(self.cfg.train), str(val), upstream)
         if self._skip("sweep", h):
             return self.run.stage("sweep")["winner"]
-        marker = self.run.sweep / ".config_hash"
-        if self.force and self.run.sweep.exists():
-            shutil.rmtree(self.run.sweep)
-        if marker.exists() and marker.read_text() != h:
-            raise StageConfigMismatch(
-                f"{self.run.sweep} holds an unfinished sweep with another configuration; "
-                "rerun with --force to discard it, or choose another --run-dir"
-            )
-        self.run.sweep.mkdir(parents=True, exist_ok=True)
-        marker.write_text(h)
+        self._claim(self.run.sweep, h, "sweep")
         shards = self.run.shards
         num_samples = count_samples(shards)
         report = run_sweep(

@@ -225,3 +225,22 @@ def test_write_json_atomic_leaves_no_temp_files(tmp_path):
     assert json.loads(target.read_text()) == {"v": 2}
     leftovers = [p.name for p in target.parent.iterdir() if p.name != "stats.json"]
     assert leftovers == []
+
+
+def test_an_unfinished_stage_folder_is_resumed_only_under_its_own_configuration(tmp_path):
+    from pipeline.config import PipelineConfig
+    from pipeline.pretrain import Pipeline
+
+    run = RunDir.at(tmp_path / "run")
+    pipeline = Pipeline(cfg=PipelineConfig(), run=run, log=lambda *_: None)
+    pipeline._claim(run.train, "aaaa", "training run")
+    (run.train / "checkpoint").write_text("step 200")
+    pipeline._claim(run.train, "aaaa", "training run")  # same config: resumed, kept
+    assert (run.train / "checkpoint").read_text() == "step 200"
+    with pytest.raises(StageConfigMismatch, match="unfinished training run with another"):
+        pipeline._claim(run.train, "bbbb", "training run")
+    assert (run.train / "checkpoint").exists()  # refused: nothing written is lost
+    forced = Pipeline(cfg=PipelineConfig(), run=run, force=True, log=lambda *_: None)
+    forced._claim(run.train, "bbbb", "training run")
+    assert not (run.train / "checkpoint").exists()
+    assert (run.train / ".config_hash").read_text() == "bbbb"
