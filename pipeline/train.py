@@ -68,14 +68,6 @@ def _plan_signature(chunks, world: int, per_worker_batch: int, seed: int) -> dic
     }
 
 
-def _save_checkpoint(state: dict[str, Any]):
-    import ray.train
-
-    tmp = tempfile.mkdtemp(prefix="clip-ckpt-")
-    torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
-    return ray.train.Checkpoint.from_directory(tmp)
-
-
 def _epoch_bounds(steps_per_epoch: list[int], step: int) -> int:
     """The epoch that global step ``step`` (0-based) belongs to."""
     return int(np.searchsorted(np.cumsum(steps_per_epoch), step, side="right"))
@@ -255,7 +247,14 @@ def _metrics(epoch, loss_value, model, lr, grad_norm, timing) -> dict[str, float
 def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     import ray.train
 
-    ray.train.report(metrics, checkpoint=_save_checkpoint(state) if state else None)
+    if not state:
+        ray.train.report(metrics)
+        return
+    # report uploads the checkpoint to the run's storage before it returns (SYNC mode); the
+    # local copy then goes, or every checkpoint of a long run would stay behind in /tmp.
+    with tempfile.TemporaryDirectory(prefix="clip-ckpt-") as tmp:
+        torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -63,7 +65,10 @@ def test_two_workers_train_checkpoint_and_export(ray_local, tmp_path):
     cfg = TrainConfig(
         global_batch_size=32, epochs=2, warmup_steps=1, checkpoint_every_steps=4, log_every_steps=2
     )
+    staged = set(Path(tempfile.gettempdir()).glob("clip-ckpt-*"))
     result, metrics = run_training(cfg, shards, 96, tmp_path)
+    # Each checkpoint is staged in a temporary folder for Ray Train to upload: none stays behind.
+    assert set(Path(tempfile.gettempdir()).glob("clip-ckpt-*")) <= staged
 
     # 96 samples / global batch 32 = 3 steps an epoch, for 2 epochs.
     assert metrics["step"] == 6
