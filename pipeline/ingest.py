@@ -165,17 +165,23 @@ def train_transform(image_size: int):
 
 def decode_group(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
     """Ray Data stage: one plan item → uint8 CHW crops and int64 tokens, in plan order."""
+    import torch
     from PIL import Image
 
     item = {k: list(v[0]) if isinstance(v[0], np.ndarray) else v[0] for k, v in batch.items()}
     table = read_group(item, ["jpg", "tokens"])
     steps = train_transform(image_size)
     images = []
-    for jpg in table.column("jpg").to_pylist():
-        image = Image.open(io.BytesIO(jpg))
-        for step in steps:
-            image = step(image)
-        images.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+    # torchvision draws its crops from torch's global generator: seeded from the plan item,
+    # a rerun (a resumed run, the same trial in another sweep) sees the same crops.
+    seed = np.random.SeedSequence([int(x) for x in item["seed"]]).generate_state(1)[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for jpg in table.column("jpg").to_pylist():
+            image = Image.open(io.BytesIO(jpg))
+            for step in steps:
+                image = step(image)
+            images.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
     tokens = np.asarray(table.column("tokens").to_pylist(), dtype=np.int64)
     return {"image": np.stack(images), "tokens": tokens}
 

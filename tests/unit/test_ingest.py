@@ -4,12 +4,16 @@ ranks stay balanced, epochs differ, and a restored run reads exactly the rest.""
 from __future__ import annotations
 
 import collections
+import io
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from PIL import Image
 
-from pipeline.ingest import list_chunks, plan_epoch, rank_items, read_group
+from pipeline.ingest import decode_group, list_chunks, plan_epoch, rank_items, read_group
 
 
 def _shards(directory, sizes, row_group_size=None):
@@ -78,3 +82,41 @@ def test_hidden_partial_files_are_not_shards(tmp_path):
     for c in list_chunks(tmp_path, 1):
         rows[c.path.rsplit("/", 1)[1]] += c.rows
     assert rows == {"part-00000.parquet": 40}
+
+
+def _as_batch(item):
+    """A plan item as Ray Data hands it to decode_group: one row, list fields as arrays."""
+    batch = {}
+    for key, value in item.items():
+        column = np.empty(1, dtype=object)
+        column[0] = np.asarray(value) if isinstance(value, list) else value
+        batch[key] = column
+    return batch
+
+
+def test_crops_are_a_function_of_the_plan_item(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buf, "JPEG")
+        rows.append({"jpg": buf.getvalue(), "tokens": [i] * 4})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-00000.parquet")
+    items = rank_items(list_chunks(tmp_path, 1), 0, 1, 0, 8, 2)
+
+    first = decode_group(_as_batch(items[0]), image_size=32)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    again = decode_group(_as_batch(items[0]), image_size=32)
+    # The same item gives the same random crops whatever the process's generator holds, and
+    # that generator is left as it was.
+    assert np.array_equal(first["image"], again["image"])
+    assert np.array_equal(first["tokens"], again["tokens"])
+    assert torch.equal(torch.get_rng_state(), state)
+    # The same rows under another item's seed (as in a later epoch) get other crops.
+    reseeded = decode_group(_as_batch({**items[0], "seed": [0, 1, 0, 0]}), image_size=32)
+    crops = {int(t[0]): image for t, image in zip(first["tokens"], first["image"], strict=True)}
+    recrops = {int(t[0]): im for t, im in zip(reseeded["tokens"], reseeded["image"], strict=True)}
+    assert crops.keys() == recrops.keys() and len(crops) == len(first["image"]) > 1
+    assert all(not np.array_equal(crops[k], recrops[k]) for k in crops)
