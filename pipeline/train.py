@@ -10,6 +10,7 @@ the data position, so a restored run neither repeats nor skips an epoch's rows.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -98,7 +99,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    # A share of a core is still one thread; 1.5 CPUs on a 2-core machine compute on both.
+    torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     per_worker_batch = cfg.global_batch_size // world
@@ -119,9 +121,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), weights_only=False)
+            # Onto the CPU: a GPU run's tensors would otherwise come back on the GPU they were
+            # saved from, before this worker's model is there.
+            state = torch.load(
+                os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False
+            )
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         step, zeroshot_top1 = state["step"], state.get("zeroshot_top1")
         resumes = [*state.get("resumes", []), step]  # the steps this run restarted from
         if state.get("data_plan") != signature and rank == 0:
@@ -130,6 +135,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"({state.get('data_plan')} -> {signature}); data order restarts from step {step}"
             )
     model = ray.train.torch.prepare_model(model)
+    if checkpoint:
+        # Once the parameters are on their device: the optimizer puts its state (Adam's moments)
+        # on each parameter's device as it loads it, and a step with the moments still on the
+        # CPU and the parameters on a GPU fails.
+        optimizer.load_state_dict(state["optimizer"])
     device = ray.train.torch.get_device()
     unwrapped = model.module if hasattr(model, "module") else model
     # The scheduler is a pure function of the step: restoring the step restores it.
@@ -342,7 +352,11 @@ def build_trainer(
 
 
 def load_checkpoint_model(checkpoint_dir: str | Path, cfg: TrainConfig) -> torch.nn.Module:
-    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, weights_only=False)
+    # Onto the CPU: checkpoints of GPU workers hold CUDA tensors, and the driver that exports or
+    # evaluates them may have no GPU.
+    state = torch.load(
+        Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False
+    )
     bias = cfg.init_logit_bias if cfg.loss == "siglip" else None
     model = create_model(cfg.model, cfg.init_temperature, bias)
     model.load_state_dict(state["model"])
