@@ -77,6 +77,11 @@ SWEEP_FLAGS = {
     "--reduction-factor": ("reduction_factor", int, "ASHA: 1/N of trials go on at each rung"),
     "--zeroshot-every": ("zeroshot_every_steps", int, "steps between zero-shot probes"),
     "--workers-per-trial": ("workers_per_trial", int, "Ray Train workers of each trial"),
+    "--cpus-per-trial-worker": (
+        "cpus_per_worker",
+        float,
+        "CPUs each trial worker reserves and computes on (0: the training config's)",
+    ),
     "--max-concurrent": ("max_concurrent_trials", int, "trials at once (0: what fits)"),
 }
 

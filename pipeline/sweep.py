@@ -83,6 +83,8 @@ def check_sweep(sweep: SweepConfig, train: TrainConfig, num_samples: int | None 
     for name in ("batch_sizes", "learn_temperature", "seeds"):
         if not getattr(sweep, name):
             fail(f"{name} is empty")
+    if sweep.workers_per_trial < 0 or sweep.cpus_per_worker < 0:
+        fail("workers_per_trial and cpus_per_worker must not be negative (0: the training's)")
     workers = sweep.workers_per_trial or train.num_workers
     for batch in sweep.batch_sizes:
         if batch <= 0 or batch % workers:
@@ -169,6 +171,7 @@ def trial_train_config(train: TrainConfig, sweep: SweepConfig, params: dict[str,
         lr=hp["lr"],
         seed=hp["seed"],
         num_workers=sweep.workers_per_trial or train.num_workers,
+        cpus_per_worker=sweep.cpus_per_worker or train.cpus_per_worker,
         max_steps=sweep.max_steps,
         warmup_steps=min(sweep.warmup_steps, sweep.max_steps),
         zeroshot_every_steps=sweep.zeroshot_every_steps,
@@ -183,7 +186,8 @@ def trial_train_config(train: TrainConfig, sweep: SweepConfig, params: dict[str,
 def trial_resources(sweep: SweepConfig, train: TrainConfig) -> dict[str, float]:
     """What one running trial holds: its Tune function, its workers, its data tasks."""
     workers = sweep.workers_per_trial or train.num_workers
-    cpu = sweep.driver_cpus_per_trial + workers * train.cpus_per_worker + sweep.data_cpus_per_trial
+    cpus_per_worker = sweep.cpus_per_worker or train.cpus_per_worker
+    cpu = sweep.driver_cpus_per_trial + workers * cpus_per_worker + sweep.data_cpus_per_trial
     return {"CPU": cpu, "GPU": float(workers if train.use_gpu else 0)}
 
 

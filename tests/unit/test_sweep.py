@@ -90,6 +90,9 @@ def test_trial_train_config_applies_the_knobs_and_the_budget():
     train = trial_train_config(TRAIN, cfg, params)
     assert (train.init_temperature, train.learn_temperature) == (0.2, False)
     assert (train.global_batch_size, train.seed, train.num_workers) == (256, 3, 1)
+    assert train.cpus_per_worker == 1.5  # the sweep's; 0 keeps the training config's
+    kept = trial_train_config(TRAIN, dataclasses.replace(cfg, cpus_per_worker=0), params)
+    assert kept.cpus_per_worker == TRAIN.cpus_per_worker
     assert train.lr == pytest.approx(2e-3)
     assert (train.max_steps, train.warmup_steps) == (90, 10)
     assert train.zeroshot_every_steps == train.checkpoint_every_steps == 15
@@ -112,6 +115,7 @@ def test_trial_train_config_applies_the_knobs_and_the_budget():
         ({"reduction_factor": 1}, "reduction factor"),
         ({"zeroshot_every_steps": 0}, "zeroshot_every_steps must be at least 1"),
         ({"seeds": ()}, "seeds is empty"),
+        ({"cpus_per_worker": -1.0}, "must not be negative"),
     ],
 )
 def test_bad_sweeps_are_refused_with_the_reason(changes, message):
@@ -152,12 +156,15 @@ def test_search_and_scheduler_selection():
 
 def test_concurrency_fits_whole_trials_into_the_cluster():
     two_cores = {"CPU": 2.0}
-    # 2 workers x 0.5 CPU + 0.5 for data + 0.05 for the Tune function: one trial at a time.
-    big = sweep(workers_per_trial=2, data_cpus_per_trial=0.5)
+    # 2 workers x 0.5 CPU (the training config's) + 0.5 for data + 0.05 for the Tune
+    # function: one trial at a time.
+    big = sweep(workers_per_trial=2, cpus_per_worker=0, data_cpus_per_trial=0.5)
     assert concurrent_trials(big, TRAIN, two_cores) == 1
     # 1 worker x 0.5 + 0.25 + 0.05 = 0.8 CPU: two trials.
-    small = sweep(workers_per_trial=1, data_cpus_per_trial=0.25)
+    small = sweep(workers_per_trial=1, cpus_per_worker=0, data_cpus_per_trial=0.25)
     assert concurrent_trials(small, TRAIN, two_cores) == 2
+    # The demo's own: one worker computing on 1.5 CPUs, one trial at a time, and it fits.
+    assert concurrent_trials(SweepConfig(), TRAIN, two_cores) == 1
     # GPUs bound it: 8 GPUs, 2 per trial, plenty of CPUs.
     gpu_train = dataclasses.replace(TRAIN, use_gpu=True, cpus_per_worker=4)
     assert concurrent_trials(big, gpu_train, {"CPU": 96.0, "GPU": 8.0}) == 4
