@@ -90,7 +90,7 @@ def test_trial_train_config_applies_the_knobs_and_the_budget():
     train = trial_train_config(TRAIN, cfg, params)
     assert (train.init_temperature, train.learn_temperature) == (0.2, False)
     assert (train.global_batch_size, train.seed, train.num_workers) == (256, 3, 1)
-    assert train.cpus_per_worker == 1.5  # the sweep's; 0 keeps the training config's
+    assert train.cpus_per_worker == 1.0  # the sweep's; 0 keeps the training config's
     kept = trial_train_config(TRAIN, dataclasses.replace(cfg, cpus_per_worker=0), params)
     assert kept.cpus_per_worker == TRAIN.cpus_per_worker
     assert train.lr == pytest.approx(2e-3)
@@ -163,7 +163,7 @@ def test_concurrency_fits_whole_trials_into_the_cluster():
     # 1 worker x 0.5 + 0.25 + 0.05 = 0.8 CPU: two trials.
     small = sweep(workers_per_trial=1, cpus_per_worker=0, data_cpus_per_trial=0.25)
     assert concurrent_trials(small, TRAIN, two_cores) == 2
-    # The demo's own: one worker computing on 1.5 CPUs, one trial at a time, and it fits.
+    # The demo's own: one worker on 1 CPU + 0.25 for data + 0.05: one trial at a time.
     assert concurrent_trials(SweepConfig(), TRAIN, two_cores) == 1
     # GPUs bound it: 8 GPUs, 2 per trial, plenty of CPUs.
     gpu_train = dataclasses.replace(TRAIN, use_gpu=True, cpus_per_worker=4)
