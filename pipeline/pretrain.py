@@ -335,6 +335,9 @@ class Pipeline:
                 k: sweep.get(k) for k in ("trials", "stopped_early", "steps_total", "winner")
             }
             summary["paths"]["sweep_report"] = sweep.get("report")
+            if "train" not in stages:  # the model came from the sweep: point at its dashboards
+                del summary["paths"]["train"]
+                summary["paths"]["tensorboard"] = str(run.sweep)
         write_json_atomic(run.summary_path, summary)
         return summary
 
