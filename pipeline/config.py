@@ -274,7 +274,8 @@ def _datacomp_small() -> PipelineConfig:
         eval=EvalConfig(concurrency=4),
         # Every trial on all 8 GPU workers; a tenth of the schedule each, ASHA cuts at 250 steps.
         sweep=SweepConfig(
-            temperatures=(0.03, 0.07, 0.1),
+            temperatures=(0.07, 0.03, 0.1),  # CLIP's initial temperature first
+            learn_temperature=(True,),  # as CLIP trains: the sweep is over its initial value
             batch_sizes=(2048, 4096),
             base_lr=5e-4,
             base_batch_size=4096,

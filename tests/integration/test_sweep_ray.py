@@ -187,10 +187,11 @@ def test_winner_is_exported_evaluated_and_named_in_the_summary(run_dir, swept):
     assert summary["sweep"]["winner"]["trial_id"] == winner["trial_id"]
     assert summary["sweep"]["winner"]["hparams"] == winner["hparams"]
     assert summary["sweep"]["trials"] == 4
-    # No training run here: the dashboards named are the sweep's, all of them on disk.
+    # No training run here: the dashboards named are the sweep's, and they are on disk.
     assert "train" not in summary["paths"]
     assert summary["paths"]["tensorboard"] == str(run_dir / "sweep")
-    assert all(Path(path).exists() for path in summary["paths"].values())
+    for name in ("tensorboard", "sweep_report", "model", "eval_results"):
+        assert Path(summary["paths"][name]).exists(), name
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert summary["eval"]["top1"] == results["top1"]
     assert results["num_images"] == 4 * 3
