@@ -56,7 +56,7 @@ from pipeline.demo.draw import COLOURS, SHAPES, render, sample_scene  # noqa: E4
 from pipeline.ingest import shard_files  # noqa: E402
 from pipeline.modeling import context_length, create_model, model_config  # noqa: E402
 from pipeline.tokenize import load_tokenizer  # noqa: E402
-from pipeline.train import _autocast, build_optimizer, run_training  # noqa: E402
+from pipeline.train import _autocast, build_optimizer, run_training, torch_threads  # noqa: E402
 
 ROWS_PER_SHARD = 1024
 
@@ -196,7 +196,7 @@ def plain_loop(
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
     # As many compute threads as our workers use together (each sets max(1, its CPUs)).
-    torch.set_num_threads(cfg.num_workers * max(1, math.ceil(cfg.cpus_per_worker)))
+    torch.set_num_threads(cfg.num_workers * torch_threads(cfg.cpus_per_worker))
     image_size = model_config(cfg.model)["vision_cfg"]["image_size"]
     loader = torch.utils.data.DataLoader(
         ShardDataset(shard_files(shards), image_size),
@@ -250,7 +250,7 @@ def synthetic_loop(cfg: TrainConfig, device: torch.device, warmup: int) -> dict[
     from open_clip_train.scheduler import cosine_lr
 
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
+    torch.set_num_threads(torch_threads(cfg.cpus_per_worker))
     mcfg = model_config(cfg.model)
     image_size = mcfg["vision_cfg"]["image_size"]
     vocab = mcfg.get("text_cfg", {}).get("vocab_size", 49408)

@@ -69,6 +69,12 @@ def _plan_signature(chunks, world: int, per_worker_batch: int, seed: int) -> dic
     }
 
 
+def torch_threads(cpus: float) -> int:
+    """Compute threads for a worker holding `cpus`: a share of a core is still one thread,
+    and 1.5 CPUs on a 2-core machine compute on both."""
+    return max(1, math.ceil(cpus))
+
+
 def _epoch_bounds(steps_per_epoch: list[int], step: int) -> int:
     """The epoch that global step ``step`` (0-based) belongs to."""
     return int(np.searchsorted(np.cumsum(steps_per_epoch), step, side="right"))
@@ -99,8 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # A share of a core is still one thread; 1.5 CPUs on a 2-core machine compute on both.
-    torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
+    torch.set_num_threads(torch_threads(cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     per_worker_batch = cfg.global_batch_size // world
