@@ -13,7 +13,7 @@ of processes and threads each:
   no writing; "own loop" is the same with our resize path (reduced-scale JPEG decoding);
 - img2dataset: ``img2dataset.download(output_format="parquet")`` alone (download, resize,
   write);
-- ours: ``pipeline.prepare.run_prepare`` (download, resize, filter, tokenize, write) on a
+- ours: ``pipeline.data.prepare.run_prepare`` (download, resize, filter, tokenize, write) on a
   local Ray started beforehand, as a job finds it.
 
 It prints images/s for each, our ratio to img2dataset (target: at least 1.2x) and our rate as
@@ -116,7 +116,7 @@ def _resize_loop(args: tuple[str, list[int], int, bool]) -> float:
     import urllib.request
 
     from pipeline.config import DownloadConfig
-    from pipeline.download import make_resizer, process_image
+    from pipeline.data.download import make_resizer, process_image
 
     base, indices, image_size, ours = args
     bodies = [urllib.request.urlopen(f"{base}/{i}.jpg").read() for i in indices]
@@ -178,7 +178,7 @@ def run_ours(urls: Path, run_dir: Path, args) -> float:
     import ray.data  # noqa: F401
 
     from pipeline.config import DownloadConfig, PrepareConfig
-    from pipeline.prepare import read_url_list, run_prepare
+    from pipeline.data.prepare import read_url_list, run_prepare
     from pipeline.rundir import RunDir
 
     # A private local Ray: never an already running cluster.

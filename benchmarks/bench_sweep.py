@@ -30,11 +30,11 @@ import numpy as np  # noqa: E402
 from pipeline.config import get_preset  # noqa: E402
 from pipeline.pretrain import count_samples  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
-from pipeline.sweep_report import format_leaderboard, read_sweep  # noqa: E402
+from pipeline.tune.report import format_leaderboard, read_sweep  # noqa: E402
 
 
 def run_one(name: str, cfg, run: RunDir, val: Path, out: Path) -> dict:
-    from pipeline.sweep import run_sweep
+    from pipeline.tune.sweep import run_sweep
 
     sweep_dir = out / name
     shutil.rmtree(sweep_dir, ignore_errors=True)

@@ -4,7 +4,7 @@ Both train the same model on the same Parquet shards, with the same global batch
 loss and optimizer and the same number of steps, on this machine's CPUs (or, with --use-gpu,
 on one GPU: issue 4's check, ViT-B-32 in bf16 at global batch 1024):
 
-- ours: `pipeline.train.run_training` (Ray Train workers, each streaming its part of the data
+- ours: `pipeline.train.loop.run_training` (Ray Train workers, each streaming its part of the data
   plan through Ray Data tasks that decode and augment the JPEGs beside the workers);
 - plain: one process, a torch DataLoader whose worker processes decode the same shards with
   open_clip's train transform, and the same training step;
@@ -50,13 +50,13 @@ import torch  # noqa: E402
 
 from pipeline import schema  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.contrastive import build_loss, contrastive_step  # noqa: E402
+from pipeline.data.tokenize import load_tokenizer  # noqa: E402
 from pipeline.demo.captions import train_caption  # noqa: E402
 from pipeline.demo.draw import COLOURS, SHAPES, render, sample_scene  # noqa: E402
-from pipeline.ingest import shard_files  # noqa: E402
-from pipeline.modeling import context_length, create_model, model_config  # noqa: E402
-from pipeline.tokenize import load_tokenizer  # noqa: E402
-from pipeline.train import _autocast, build_optimizer, run_training, torch_threads  # noqa: E402
+from pipeline.train.contrastive import build_loss, contrastive_step  # noqa: E402
+from pipeline.train.ingest import shard_files  # noqa: E402
+from pipeline.train.loop import _autocast, build_optimizer, run_training, torch_threads  # noqa: E402
+from pipeline.train.modeling import context_length, create_model, model_config  # noqa: E402
 
 ROWS_PER_SHARD = 1024
 
@@ -240,7 +240,7 @@ def plain_loop(
 
 
 def synthetic_loop(cfg: TrainConfig, device: torch.device, warmup: int) -> dict[str, float]:
-    """Our training step (pipeline/train.py's loop body) on random tensors already on the device.
+    """Our training step (pipeline/train/loop.py's loop body) on random tensors on the device.
 
     The same model, optimizer, lr schedule, loss, autocast, grad-norm and logit-scale clamp,
     and the same uint8 -> normalised float conversion on the device; no data loading, no

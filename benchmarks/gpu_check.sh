@@ -112,11 +112,11 @@ EOF
     phase "import smoke test"
     local ray_ok=1
     if ! timeout 120 python3 -c "
-import open_clip, open_clip_train.scheduler, pipeline.train, pipeline.contrastive
-from pipeline.modeling import model_config, create_model
-print('pipeline.train imports; $MODEL vision_cfg', model_config('$MODEL')['vision_cfg'])
+import open_clip, open_clip_train.scheduler, pipeline.train.loop, pipeline.train.contrastive
+from pipeline.train.modeling import model_config, create_model
+print('pipeline.train.loop imports; $MODEL vision_cfg', model_config('$MODEL')['vision_cfg'])
 "; then
-        echo "FATAL: pipeline.train or open_clip does not import: nothing can be measured"
+        echo "FATAL: pipeline.train.loop or open_clip does not import: nothing can be measured"
         return 3
     fi
     if ! timeout 120 python3 -c "

@@ -14,9 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import PRESETS, PipelineConfig, get_preset  # noqa: E402
-from pipeline.modeling import resolve_model_name  # noqa: E402
 from pipeline.pretrain import Pipeline, format_summary  # noqa: E402
 from pipeline.rundir import RunDir, StageConfigMismatch  # noqa: E402
+from pipeline.train.modeling import resolve_model_name  # noqa: E402
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -108,7 +108,7 @@ def main() -> None:
     # After `common`, which puts the repository on sys.path for a Ray job's working dir.
     from pipeline.pretrain import format_summary
     from pipeline.rundir import RunDir, StageConfigMismatch
-    from pipeline.sweep_report import format_leaderboard, read_sweep
+    from pipeline.tune.report import format_leaderboard, read_sweep
 
     try:
         if args.show is not None:

@@ -57,8 +57,8 @@ class Pipeline:
 
     def check_inputs(self) -> None:
         """Fail fast, before Ray starts, on what the user can fix: the URL list, the eval set."""
+        from pipeline.data.prepare import read_url_list
         from pipeline.evaluate import load_image_folder
-        from pipeline.prepare import read_url_list
 
         p = self.cfg.prepare
         if self.input_path is not None:
@@ -66,7 +66,7 @@ class Pipeline:
                 self.input_path, p.url_col, p.caption_col, p.save_additional_columns
             )
         if p.filters.decontaminate is not None:
-            from pipeline.filters import IMAGE_SUFFIXES
+            from pipeline.data.filters import IMAGE_SUFFIXES
 
             folder = Path(p.filters.decontaminate)
             if not folder.is_dir():
@@ -80,7 +80,7 @@ class Pipeline:
                 load_image_folder(self.val_dataset)
             except (ValueError, FileNotFoundError) as err:
                 raise type(err)(f"--val-dataset: {err}") from None
-        from pipeline.train import check_config
+        from pipeline.train.loop import check_config
 
         check_config(self.cfg.train)
 
@@ -138,7 +138,7 @@ class Pipeline:
         return _chain(config_hash(self.cfg.prepare), source)
 
     def prepare(self) -> dict[str, Any]:
-        from pipeline.prepare import format_funnel, read_url_list, run_prepare
+        from pipeline.data.prepare import format_funnel, read_url_list, run_prepare
 
         h = self._prepare_hash()
         # A retry reopens a finished stage (of this very config: is_done refuses another one).
@@ -184,7 +184,7 @@ class Pipeline:
         marker.write_text(h)
 
     def train(self) -> dict[str, Any]:
-        from pipeline.train import run_training
+        from pipeline.train.loop import run_training
 
         h = self._train_hash()
         if self._skip("train", h):
@@ -213,7 +213,7 @@ class Pipeline:
 
     def check_sweep(self, prepared: bool = True) -> None:
         """Fail before Ray starts on what a sweep needs: a search space, a val folder, shards."""
-        from pipeline.sweep import check_sweep
+        from pipeline.tune.sweep import check_sweep
 
         check_sweep(self.cfg.sweep, self.cfg.train)
         if self.val_dataset is None and self.input_path is not None:
@@ -227,7 +227,7 @@ class Pipeline:
 
     def sweep(self) -> dict[str, Any]:
         """Tune trials over the shared shards; the best one exported to RUN/model. Resumable."""
-        from pipeline.sweep import export_winner, run_sweep
+        from pipeline.tune.sweep import export_winner, run_sweep
 
         self.model_stage = "sweep"
         self.check_sweep()

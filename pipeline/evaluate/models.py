@@ -9,7 +9,7 @@ from typing import Any
 import open_clip
 import torch
 
-from pipeline.modeling import load_local_dir, resolve_model_name
+from pipeline.train.modeling import load_local_dir, resolve_model_name
 
 LOCAL_DIR = "local-dir:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip's local-dir loader reads

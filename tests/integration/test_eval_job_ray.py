@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from pipeline import evaluate as ev
 from pipeline.config import EvalConfig
-from pipeline.modeling import create_model, export_local_dir, model_config
+from pipeline.train.modeling import create_model, export_local_dir, model_config
 
 pytestmark = pytest.mark.integration
 

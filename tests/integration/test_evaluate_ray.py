@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import evaluate as ev
 from pipeline.config import EvalConfig
-from pipeline.modeling import create_model, export_local_dir, model_config
+from pipeline.train.modeling import create_model, export_local_dir, model_config
 
 pytestmark = pytest.mark.integration
 

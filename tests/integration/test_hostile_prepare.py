@@ -23,8 +23,8 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.config import DownloadConfig, FilterConfig, PrepareConfig
-from pipeline.download import DownloadStage
-from pipeline.prepare import read_url_list, run_prepare
+from pipeline.data.download import DownloadStage
+from pipeline.data.prepare import read_url_list, run_prepare
 from pipeline.rundir import RunDir
 
 pytestmark = pytest.mark.integration

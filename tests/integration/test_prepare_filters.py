@@ -23,8 +23,8 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.config import DownloadConfig, FilterConfig, PrepareConfig
-from pipeline.filters import perceptual_hash
-from pipeline.prepare import read_url_list, run_prepare
+from pipeline.data.filters import perceptual_hash
+from pipeline.data.prepare import read_url_list, run_prepare
 from pipeline.rundir import RunDir
 
 pytestmark = pytest.mark.integration

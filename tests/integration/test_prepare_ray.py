@@ -1,4 +1,4 @@
-"""pipeline.prepare on a local Ray against the demo corpus served on 127.0.0.1.
+"""pipeline.data.prepare on a local Ray against the demo corpus served on 127.0.0.1.
 
 The corpus knows what each row is (url_paths.parquet: kind, label; corpus.json: bad_counts),
 so every output row is checked against that ground truth, not against the pipeline itself.
@@ -23,12 +23,12 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.config import DemoConfig, DownloadConfig, PipelineConfig, PrepareConfig
+from pipeline.data.prepare import read_url_list, run_prepare
 from pipeline.demo import build_demo_corpus, serve_demo, write_url_list
 from pipeline.demo import server as demo_server
-from pipeline.modeling import resolve_model_name
-from pipeline.prepare import read_url_list, run_prepare
 from pipeline.pretrain import Pipeline
 from pipeline.rundir import RunDir, StageConfigMismatch
+from pipeline.train.modeling import resolve_model_name
 
 pytestmark = pytest.mark.integration
 
@@ -292,7 +292,7 @@ def test_pipeline_prepare_skips_when_done_and_refuses_another_config(served, ref
     def must_not_run(*args, **kwargs):
         raise AssertionError("prepare ran again")
 
-    monkeypatch.setattr("pipeline.prepare.run_prepare", must_not_run)
+    monkeypatch.setattr("pipeline.data.prepare.run_prepare", must_not_run)
     assert pipeline(cfg).prepare() == stats
     assert any("[prepare] already finished" in line for line in log)
     # Another stage's config is not part of prepare's fingerprint.

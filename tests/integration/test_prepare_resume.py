@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import get_preset
-from pipeline.prepare import read_url_list, run_prepare
+from pipeline.data.prepare import read_url_list, run_prepare
 from pipeline.pretrain import Pipeline
 from pipeline.rundir import RunDir
 

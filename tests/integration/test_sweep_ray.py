@@ -25,8 +25,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.sweep_report import read_sweep
-from pipeline.train import CHECKPOINT_FILE
+from pipeline.train.loop import CHECKPOINT_FILE
+from pipeline.tune.report import read_sweep
 from tests.integration.test_train_ray import COLOURS, _write_shards
 
 pytestmark = pytest.mark.integration

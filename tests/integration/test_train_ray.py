@@ -22,8 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline import schema
 from pipeline.config import TrainConfig
-from pipeline.tokenize import load_tokenizer
-from pipeline.train import CHECKPOINT_FILE, run_training
+from pipeline.data.tokenize import load_tokenizer
+from pipeline.train.loop import CHECKPOINT_FILE, run_training
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +95,7 @@ def test_two_workers_train_checkpoint_and_export(ray_local, tmp_path):
 
     # Training moved the weights away from the initialisation every worker started from.
     torch.manual_seed(cfg.seed)
-    from pipeline.modeling import create_model
+    from pipeline.train.modeling import create_model
 
     initial = create_model(cfg.model).state_dict()
     moved = [n for n, t in initial.items() if not torch.equal(t, state["model"][n])]
@@ -121,8 +121,8 @@ def _equivalence_loop(config):
     import ray.train
     import ray.train.torch
 
-    from pipeline.contrastive import build_loss, contrastive_step
-    from pipeline.modeling import create_model
+    from pipeline.train.contrastive import build_loss, contrastive_step
+    from pipeline.train.modeling import create_model
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -150,8 +150,8 @@ def test_two_workers_compute_the_gradients_of_one_process_over_the_global_batch(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.contrastive import build_loss, contrastive_step
-    from pipeline.modeling import create_model, model_config
+    from pipeline.train.contrastive import build_loss, contrastive_step
+    from pipeline.train.modeling import create_model, model_config
 
     # Test modules are not importable on Ray workers: ship the loop function by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

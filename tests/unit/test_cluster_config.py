@@ -105,7 +105,7 @@ def _nodes_launched_for(config: dict, demands: list[dict]) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def datacomp_worker_requests(tmp_path_factory) -> list[dict]:
     """What datacomp-small's trainer asks Ray for: its real ScalingConfig (no Ray started)."""
-    from pipeline.train import build_trainer
+    from pipeline.train.loop import build_trainer
 
     train = get_preset("datacomp-small").train
     storage = tmp_path_factory.mktemp("storage")
@@ -256,7 +256,7 @@ def test_runtime_env_ships_code_not_run_data(tmp_path):
     tree = tmp_path / "checkout"
     for path in (
         "jobs/pretrain.py",
-        "pipeline/train.py",
+        "pipeline/train/loop.py",
         "runs/tiny/data/shards/part-00000.parquet",
         "runs/tiny/train/checkpoint_000001/state.pt",
         "pipeline/__pycache__/train.cpython-311.pyc",
@@ -268,4 +268,4 @@ def test_runtime_env_ships_code_not_run_data(tmp_path):
     create_package(str(tree), package, include_gitignore=True, excludes=runtime_env["excludes"])
     with zipfile.ZipFile(package) as archive:
         shipped = sorted(archive.namelist())
-    assert shipped == ["jobs/pretrain.py", "pipeline/train.py"]
+    assert shipped == ["jobs/pretrain.py", "pipeline/train/loop.py"]

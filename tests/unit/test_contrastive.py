@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.contrastive import build_loss, contrastive_step
-from pipeline.modeling import create_model, model_config
-from pipeline.train import check_config
+from pipeline.train.contrastive import build_loss, contrastive_step
+from pipeline.train.loop import check_config
+from pipeline.train.modeling import create_model, model_config
 
 # A LayerNorm-only model: with BatchNorm (the demo ResNet) micro-batches see other statistics,
 # so no accumulation scheme can match the full batch exactly (open_clip's caveat too).

@@ -21,9 +21,10 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline import download
 from pipeline.config import DownloadConfig
-from pipeline.download import (
+from pipeline.data import download
+from pipeline.data import fetch as fetching
+from pipeline.data.download import (
     DEADLINE_FACTOR,
     DownloadStage,
     address_allowed,
@@ -481,8 +482,8 @@ def tls_server():
 def test_https_checks_the_url_host_while_connecting_to_the_checked_ip(tls_server, monkeypatch):
     server, ca_pem, server_names = tls_server
     client_ctx = ssl.create_default_context(cadata=ca_pem)
-    client_ctx.sslsocket_class = download._DeadlineSSLSocket
-    monkeypatch.setattr(download, "_tls_context", lambda: client_ctx)
+    client_ctx.sslsocket_class = fetching._DeadlineSSLSocket
+    monkeypatch.setattr(fetching, "_tls_context", lambda: client_ctx)
     port = server.server_address[1]
     # Where "localhost" also resolves to ::1, that address must be allowed too.
     cfg = dataclasses.replace(CFG, allowed_networks=("127.0.0.1/32", "::1/128"))

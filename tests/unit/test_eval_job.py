@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline import evaluate as ev
-from pipeline.modeling import create_model, export_local_dir, model_config
+from pipeline.train.modeling import create_model, export_local_dir, model_config
 
 REPO = Path(__file__).resolve().parents[2]
 SYNSETS = ev.imagenet_synsets()

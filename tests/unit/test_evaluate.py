@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline import evaluate as ev
-from pipeline.modeling import create_model, export_local_dir, load_local_dir, model_config
+from pipeline.train.modeling import create_model, export_local_dir, load_local_dir, model_config
 
 COLORS = {
     "blue_square": (30, 60, 220),

@@ -1,4 +1,4 @@
-"""pipeline.filters (predicates, filter_batch, Deduplicator) and pipeline.tokenize, without Ray."""
+"""pipeline.data.filters (predicates, filter_batch, Deduplicator) and .tokenize, without Ray."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import open_clip
 import pandas as pd
 import pytest
 
-from pipeline import filters
 from pipeline.config import FilterConfig, TokenizeConfig
-from pipeline.filters import Deduplicator, build_predicates, filter_batch
-from pipeline.modeling import context_length, resolve_model_name
-from pipeline.tokenize import TokenizeStage
+from pipeline.data import filters
+from pipeline.data.filters import Deduplicator, build_predicates, filter_batch
+from pipeline.data.tokenize import TokenizeStage
+from pipeline.train.modeling import context_length, resolve_model_name
 
 CFG = FilterConfig(
     min_image_side=32,
@@ -287,7 +287,7 @@ def _random_hashes(n: int, seed: int) -> list[int]:
 
 @pytest.mark.parametrize("distance", [0, 2, 4, 7])
 def test_near_duplicate_index_finds_exactly_what_brute_force_finds(distance):
-    from pipeline.filters import NearDuplicateIndex
+    from pipeline.data.filters import NearDuplicateIndex
 
     rng = np.random.default_rng(distance)
     indexed = _random_hashes(300, 1)
@@ -307,7 +307,7 @@ def test_near_duplicate_index_finds_exactly_what_brute_force_finds(distance):
 
 
 def test_near_duplicate_index_keeps_the_first_and_drops_the_copy():
-    from pipeline.filters import NearDuplicateIndex
+    from pipeline.data.filters import NearDuplicateIndex
 
     index = NearDuplicateIndex(2, "near_duplicate")
     assert index("00000000000000ff") == (True, None, None)
@@ -322,7 +322,7 @@ def test_near_duplicate_index_keeps_the_first_and_drops_the_copy():
 def test_perceptual_hash_matches_resized_copies_not_other_images():
     from PIL import Image
 
-    from pipeline.filters import perceptual_hash
+    from pipeline.data.filters import perceptual_hash
 
     rng = np.random.default_rng(0)
 

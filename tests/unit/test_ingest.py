@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.ingest import decode_group, list_chunks, plan_epoch, rank_items, read_group
+from pipeline.train.ingest import decode_group, list_chunks, plan_epoch, rank_items, read_group
 
 
 def _shards(directory, sizes, row_group_size=None):

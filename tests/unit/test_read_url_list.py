@@ -1,4 +1,4 @@
-"""pipeline.prepare.read_url_list: every input format of DESIGN.md, and its error messages."""
+"""pipeline.data.prepare.read_url_list: every input format of DESIGN.md, and its error messages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.prepare import read_url_list
+from pipeline.data.prepare import read_url_list
 
 ROWS = [
     ("http://example.com/a.jpg", "a red circle"),
@@ -244,7 +244,7 @@ def test_additional_column_may_not_shadow_an_output_column(tmp_path):
 
 
 def test_caption_that_is_not_utf8_is_flagged_not_fatal(tmp_path):
-    from pipeline.prepare.inputs import INPUT_REASON
+    from pipeline.data.prepare.inputs import INPUT_REASON
 
     path = tmp_path / "urls.csv"
     path.write_bytes(

@@ -13,7 +13,7 @@ from PIL import Image
 from ray.tune.search.variant_generator import generate_variants
 
 from pipeline.config import SweepConfig, TrainConfig, get_preset
-from pipeline.sweep import (
+from pipeline.tune.sweep import (
     _tuner_config,
     check_sweep,
     concurrent_trials,

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from pipeline.config import SweepConfig, TrainConfig
-from pipeline.sweep_report import (
+from pipeline.tune.report import (
     format_leaderboard,
     read_sweep,
     write_hparams,

@@ -19,7 +19,7 @@ def load_tokenizer(model: str):
     """
     import open_clip
 
-    from pipeline.modeling import resolve_model_name
+    from pipeline.train.modeling import resolve_model_name
 
     return open_clip.get_tokenizer(resolve_model_name(model))
 

@@ -26,7 +26,7 @@ class ZeroShotProbe:
         from PIL import Image
 
         from pipeline.evaluate.datasets import load_image_folder
-        from pipeline.modeling import resolve_model_name
+        from pipeline.train.modeling import resolve_model_name
 
         data = load_image_folder(folder)
         picked: dict[int, int] = {}

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.ingest import CHUNK_ROWS
 from pipeline.rundir import RunDir, StageConfigMismatch, write_json_atomic
+from pipeline.train.ingest import CHUNK_ROWS
 
 
 def name(index: int) -> str:

@@ -24,7 +24,7 @@ from pipeline.config import SweepConfig, TrainConfig, from_dict
 
 # METRIC: what ASHA and the leaderboard rank by (0..1); HISTORY: per trial, its knobs, then one
 # line per report, then its end; CONFIG_FILE: the sweep and training configs, for the export.
-from pipeline.sweep_report import CONFIG_FILE, HISTORY, METRIC, write_report
+from pipeline.tune.report import CONFIG_FILE, HISTORY, METRIC, write_report
 
 SEARCHES = ("grid", "random", "optuna")
 WORKER_START_TIMEOUT_S = 900  # how long a trial's workers may wait for CPUs to free up
@@ -104,7 +104,7 @@ def check_sweep(sweep: SweepConfig, train: TrainConfig, num_samples: int | None 
             fail("ASHA's reduction factor must be at least 2")
     # Every knob combination must make a valid training config (e.g. a temperature of at
     # least 1/max_logit_scale): refused here, not in a trial minutes later.
-    from pipeline.train import check_config
+    from pipeline.train.loop import check_config
 
     temperatures = sweep.temperature_range or sweep.temperatures
     for temperature in temperatures:
@@ -218,7 +218,7 @@ def run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train import build_trainer
+    from pipeline.train.loop import build_trainer
 
     # A trial can start while the previous one's workers and data tasks still release their
     # CPUs (or while an autoscaler adds nodes): Ray Train's 60 s wait for its worker group
@@ -397,8 +397,8 @@ def run_sweep(
 
 def export_winner(sweep_dir: Path, winner: dict[str, Any], model_dir: Path) -> Path:
     """The best trial's last checkpoint as an open_clip local-dir model in `model_dir`."""
-    from pipeline.modeling import export_local_dir, model_config
-    from pipeline.train import load_checkpoint_model
+    from pipeline.train.loop import load_checkpoint_model
+    from pipeline.train.modeling import export_local_dir, model_config
 
     saved = json.loads((Path(sweep_dir) / CONFIG_FILE).read_text())
     train = from_dict(TrainConfig, saved["train"])

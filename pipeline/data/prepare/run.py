@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import PrepareConfig, config_hash
-from pipeline.filters import Deduplicator, NearDuplicateIndex, hash_image_folder
-from pipeline.prepare.chunks import Progress
-from pipeline.prepare.funnel import build_stats, plot_funnel
-from pipeline.prepare.inputs import INPUT_REASON
+from pipeline.data.filters import Deduplicator, NearDuplicateIndex, hash_image_folder
+from pipeline.data.prepare.chunks import Progress
+from pipeline.data.prepare.funnel import build_stats, plot_funnel
+from pipeline.data.prepare.inputs import INPUT_REASON
 from pipeline.rundir import RunDir, write_json_atomic
 
 _STATE = ("stage", "reason", "error")
@@ -121,9 +121,9 @@ def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
     """The Ray Data pipeline over `frame`'s rows, yielding pandas batches in input order."""
     import ray
 
-    from pipeline.download import DownloadStage
-    from pipeline.filters import filter_batch
-    from pipeline.tokenize import TokenizeStage
+    from pipeline.data.download import DownloadStage
+    from pipeline.data.filters import filter_batch
+    from pipeline.data.tokenize import TokenizeStage
 
     # Input order in, input order out: "first occurrence wins" must not depend on timing.
     # Set before the dataset is built: a dataset keeps the context it was made under.

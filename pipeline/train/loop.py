@@ -1,10 +1,11 @@
 """Contrastive training on Ray Train V2: train_loop_per_worker and the TorchTrainer it runs in.
 
-Each worker streams its part of a deterministic data plan (pipeline/ingest.py) through Ray
-Data, whose CPU tasks decode and augment beside the workers; the step (pipeline/contrastive.py)
-is open_clip's ClipLoss with negatives gathered from every worker, or SigLIP's loss, with
-feature-cache accumulation. Checkpoints hold the model, optimizer and step; the step is also
-the data position, so a restored run neither repeats nor skips an epoch's rows.
+Each worker streams its part of a deterministic data plan (pipeline/train/ingest.py) through
+Ray Data, whose CPU tasks decode and augment beside the workers; the step
+(pipeline/train/contrastive.py) is open_clip's ClipLoss with negatives gathered from every
+worker, or SigLIP's loss, with feature-cache accumulation. Checkpoints hold the model,
+optimizer and step; the step is also the data position, so a restored run neither repeats
+nor skips an epoch's rows.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig, from_dict
-from pipeline.contrastive import LOSSES, build_loss, contrastive_step
-from pipeline.ingest import list_chunks, rank_dataset, rank_items, steps_per_epoch
-from pipeline.modeling import create_model, export_local_dir, model_config, resolve_model_name
-from pipeline.probe import ZeroShotProbe
+from pipeline.train.contrastive import LOSSES, build_loss, contrastive_step
+from pipeline.train.ingest import list_chunks, rank_dataset, rank_items, steps_per_epoch
+from pipeline.train.modeling import create_model, export_local_dir, model_config, resolve_model_name
+from pipeline.train.probe import ZeroShotProbe
 
 CHECKPOINT_FILE = "state.pt"
 

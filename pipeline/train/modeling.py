@@ -17,7 +17,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "models"
+MODEL_CONFIG_DIR = Path(__file__).parent.parent / "models"
 _registered: set[str] = set()
 
 

@@ -1,0 +1,1 @@
+"""Training: streaming ingest, the contrastive step, open_clip models, the TorchTrainer loop."""

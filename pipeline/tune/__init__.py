@@ -1,0 +1,1 @@
+"""Sweeps: Ray Tune over the contrastive knobs, and the sweep's report."""
