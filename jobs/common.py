@@ -1,224 +1,280 @@
-"""Shared command-line flags of the jobs: flags → config → a Pipeline on a run directory."""
+"""The jobs' front door: flags generated from the config fields -> one RunSpec -> the stages.
+
+Every field of the stages a job runs is a flag under its dotted path
+(``--prepare.download.image_size 256``); the fields people set daily also have the short names
+img2dataset and open_clip users know (``--image-size``, ``--weight-decay``), and the training
+and sweep fields their own names (``--lr``, ``--grace-period``). A flag not given keeps the
+value of the preset, or of ``--config FILE`` (YAML or JSON) when that sets it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import ipaddress
+import logging
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 # `python jobs/x.py` from a checkout that was not pip-installed (e.g. a Ray job's working dir).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import PRESETS, PipelineConfig, get_preset  # noqa: E402
-from pipeline.pretrain import Pipeline, format_summary  # noqa: E402
-from pipeline.rundir import RunDir, StageConfigMismatch  # noqa: E402
-from pipeline.train.modeling import resolve_model_name  # noqa: E402
+from pipeline import pretrain  # noqa: E402
+from pipeline.config import PRESETS  # noqa: E402
+from pipeline.rundir import RunDir, StageConfigMismatch, write_json_atomic  # noqa: E402
+from pipeline.spec import (  # noqa: E402
+    Inputs,
+    Options,
+    RunSpec,
+    build_spec,
+    fields,
+    parse_text,
+    type_name,
+    validate,
+)
+
+# Short names of fields, after img2dataset's and open_clip's flags, and the names earlier
+# versions of these jobs used. Fields of the train and sweep sections also get their own name.
+ALIASES = {
+    "image-size": "prepare.download.image_size",
+    "resize-mode": "prepare.download.resize_mode",
+    "resize-only-if-bigger": "prepare.download.resize_only_if_bigger",
+    "encode-format": "prepare.download.encode_format",
+    "encode-quality": "prepare.download.encode_quality",
+    "thread-count": "prepare.download.thread_count",
+    "timeout": "prepare.download.timeout",
+    "retries": "prepare.download.retries",
+    "user-agent-token": "prepare.download.user_agent_token",
+    "allowed-networks": "prepare.download.allowed_networks",
+    "rows-per-shard": "prepare.rows_per_shard",
+    "url-col": "prepare.url_col",
+    "caption-col": "prepare.caption_col",
+    "save-additional-columns": "prepare.save_additional_columns",
+    "min-image-size": "prepare.filters.min_image_side",
+    "max-aspect-ratio": "prepare.filters.max_aspect_ratio",
+    "caption-blocklist": "prepare.filters.caption_blocklist",
+    "decontaminate": "prepare.filters.decontaminate",
+    "near-duplicate-distance": "prepare.filters.near_duplicate_distance",
+    # jobs/sweep.py's earlier names
+    "zeroshot-every": "train.zeroshot_every_steps",
+    "workers-per-trial": "train.num_workers",
+    "cpus-per-trial-worker": "train.cpus_per_worker",
+    "max-concurrent": "sweep.max_concurrent_trials",
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_spec_args(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """One flag per field of `sections` (dotted paths, e.g. "prepare.download"), with its
+    short names; the first section listed wins a short name two sections share."""
+    taken = {o for a in parser._actions for o in a.option_strings}
+    infos = [f for s in sections for f in fields() if f.path.startswith(s + ".")]
+    infos = list({f.path: f for f in infos}.values())
+    paths = {f.path for f in infos}
+    short: dict[str, list[str]] = {}
+    for name, path in ALIASES.items():
+        if path in paths:
+            short.setdefault(path, []).append(name)
+    for f in infos:
+        head, _, leaf = f.path.rpartition(".")
+        if head in ("train", "sweep"):
+            name = _kebab(leaf)
+            owner = next((p for p, ns in short.items() if name in ns), f.path)
+            if owner == f.path and f"--{name}" not in taken:
+                short.setdefault(f.path, []).insert(0, name)
+    if "train.model" in paths:
+        short.setdefault("train.model", []).append("model")
+    elif "prepare.tokenize.model" in paths:
+        short.setdefault("prepare.tokenize.model", []).append("model")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in infos:
+        section = f.path.split(".")[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(
+                f"{section} (default: the preset's, or --config FILE's)"
+            )
+        names = [f"--{n}" for n in short.get(f.path, []) if f"--{n}" not in taken]
+        names.append(f"--{f.path}")
+        taken.update(names)
+        text = f.help + (" " if f.help else "") + f"[{f.path}; demo: {f.default!r}]"
+        text = text.replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.path, "default": argparse.SUPPRESS, "help": text}
+        if f.type is bool:
+            parser_group = groups[section]
+            parser_group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if f.choices:
+            kwargs["choices"] = f.choices
+        kwargs["type"] = _parser(f.type)
+        kwargs["metavar"] = None if f.choices else _metavar(f.type)
+        groups[section].add_argument(*names, **kwargs)
+    if "train.learn_temperature" in paths and "--fixed-temperature" not in taken:
+        groups["train"].add_argument(
+            "--fixed-temperature",
+            dest="train.learn_temperature",
+            action="store_const",
+            const=False,
+            default=argparse.SUPPRESS,
+            help="the same as --no-learn-temperature",
+        )
+
+
+def _metavar(tp: Any) -> str:
+    name = type_name(tp).removesuffix(" or null")
+    if name.startswith("list of "):
+        return {"bool": "BOOL", "int": "N", "float": "X"}.get(name[8:], "TEXT") + ",..."
+    if name == "[float, float]":
+        return "LOW:HIGH"
+    return {"int": "N", "float": "X", "str": "TEXT"}.get(name, name.upper())
+
+
+def _parser(tp: Any):
+    def parse(text: str) -> Any:
+        return parse_text(text, tp)
+
+    parse.__name__ = type_name(tp)  # argparse's "invalid <name> value" message
+    return parse
+
+
+def job_parser(description: str, sections: tuple[str, ...], *, inputs: tuple[str, ...] = ()):
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/PRESET)")
     parser.add_argument(
-        "--preset", default="demo", help=f"named configuration: {', '.join(sorted(PRESETS))}"
+        "--preset",
+        default="demo",
+        help=f"named configuration: {', '.join(sorted(PRESETS))} (default: demo)",
     )
     parser.add_argument(
-        "--model",
+        "--config",
         default=None,
-        help="open_clip model name or JSON config to tokenize for and train (default: the "
-        "preset's; the demo's is pipeline/models/clip-demo-tiny.json)",
+        metavar="FILE",
+        help="YAML or JSON file of fields, nested or dotted (train: {lr: 1e-3}); applied over "
+        "the preset, under the flags",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved spec, the stages that would run or be skipped and why, the "
+        "step count and resources, and exit without starting Ray",
     )
     parser.add_argument("--force", action="store_true", help="redo stages already finished")
     parser.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local Ray)"
     )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=LOG_LEVELS,
+        help="how much of Ray's own logging shows (default: warning; info shows Ray's internal "
+        "notices too)",
+    )
+    if "url_list" in inputs:
+        parser.add_argument(
+            "--input",
+            default=None,
+            help="URL list (Parquet, CSV, TSV, JSON lines; a file or folder, local or fsspec "
+            "URL); default: the built-in demo corpus",
+        )
+        parser.add_argument(
+            "--retry-failed",
+            action="store_true",
+            help="fetch again only the rows rejected for transient reasons (timeouts, 5xx, "
+            "429, connection errors); the recovered move from rejects to shards",
+        )
+    if "val_dataset" in inputs:
+        parser.add_argument(
+            "--val-dataset",
+            default=None,
+            help="small labelled image folder probed zero-shot during training, which a sweep "
+            "ranks trials on (default: the demo's val folder)",
+        )
+    if "eval_dataset" in inputs:
+        parser.add_argument(
+            "--eval-dataset",
+            default=None,
+            help="image folder (one sub-folder per class, optional classnames.txt / "
+            "templates.txt); default: the demo's eval folder",
+        )
+    add_spec_args(parser, sections)
     return parser
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--input",
-        default=None,
-        help="URL list (Parquet, CSV, TSV, JSON lines; a file or folder, local or fsspec URL); "
-        "default: the built-in demo corpus",
-    )
-    parser.add_argument("--url-col", default="url", help="URL column of --input")
-    parser.add_argument("--caption-col", default="caption", help="caption column of --input")
-    parser.add_argument(
-        "--allowed-networks",
-        default="",
-        help="comma-separated CIDR networks that downloads may reach although private, loopback "
-        "or reserved (e.g. 10.0.0.0/8); the demo allows 127.0.0.1/32 itself",
-    )
-    parser.add_argument(
-        "--save-additional-columns",
-        default="",
-        help="comma-separated columns of --input kept in shards and rejects, after the standard "
-        "columns (e.g. uid,license)",
-    )
-    parser.add_argument(
-        "--decontaminate",
-        default=None,
-        metavar="EVAL_DIR",
-        help="drop training images that are near-duplicates (perceptual hash) of any image under "
-        "this folder, e.g. the eval set",
-    )
-    parser.add_argument(
-        "--near-duplicate-distance",
-        type=int,
-        default=None,
-        help="drop images within this Hamming distance (0-15, 64-bit pHash) of an earlier kept "
-        "one (default: the preset's; off in demo and tiny)",
-    )
-    parser.add_argument(
-        "--retry-failed",
-        action="store_true",
-        help="fetch again only the rows rejected for transient reasons (timeouts, 5xx, 429, "
-        "connection errors); the recovered move from rejects to shards",
+def field_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """{dotted path: (value, the flag that set it)} for every field flag given."""
+    out = {}
+    for action in parser._actions:
+        if "." in action.dest and hasattr(args, action.dest) and action.dest not in out:
+            out[action.dest] = (getattr(args, action.dest), action.option_strings[0])
+    return out
+
+
+def spec_from_args(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    stages: tuple[str, ...],
+    sweep: bool = False,
+) -> RunSpec:
+    return build_spec(
+        preset=args.preset,
+        run_dir=args.run_dir,
+        stages=stages,
+        config_file=args.config,
+        flags=field_flags(parser, args),
+        inputs=Inputs(
+            url_list=getattr(args, "input", None),
+            eval_dataset=getattr(args, "eval_dataset", None),
+            val_dataset=getattr(args, "val_dataset", None),
+        ),
+        options=Options(
+            force=args.force,
+            retry_failed=getattr(args, "retry_failed", False),
+            sweep=sweep,
+            dry_run=args.dry_run,
+        ),
     )
 
 
-# Training flags: each overrides one TrainConfig field of the preset (None keeps the preset's).
-TRAIN_FLAGS = {
-    "num_workers": (int, "Ray Train workers (one GPU each with --use-gpu)"),
-    "cpus_per_worker": (float, "CPUs each worker reserves"),
-    "global_batch_size": (int, "samples per step over all workers"),
-    "epochs": (int, "passes over the shards"),
-    "max_steps": (int, "train exactly this many steps instead (0: epochs decide)"),
-    "lr": (float, "peak learning rate (cosine schedule after warmup)"),
-    "warmup_steps": (int, "linear warmup steps"),
-    "loss": (str, "clip (open_clip's ClipLoss) or siglip"),
-    "init_temperature": (float, "initial softmax temperature (logit scale 1/T)"),
-    "accum_freq": (int, "micro-batches per worker batch (feature-cache accumulation)"),
-    "grad_clip_norm": (float, "clip the gradient norm here (0: no clipping)"),
-    "precision": (str, "auto (bf16 autocast on GPU), bf16 or fp32"),
-    "checkpoint_every_steps": (int, "checkpoint (and report) every N steps"),
-    "zeroshot_every_steps": (int, "zero-shot probe on --val-dataset every N steps (0: off)"),
-    "max_failures": (int, "worker failures survived by restoring the last checkpoint"),
-    "seed": (int, "initial weights and data order"),
-}
+def set_log_level(level: str) -> None:
+    """Ray's own loggers at `level`, here and (through RAY_LOGGER_LEVEL, read by the Ray
+    processes started from here and by the training workers) in its workers: at the default,
+    warning, its internal notices stay out of a healthy run's console."""
+    os.environ["RAY_LOGGER_LEVEL"] = level
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(level.upper())
 
 
-def add_train_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training (default: the preset's)")
-    for name, (kind, text) in TRAIN_FLAGS.items():
-        # SUPPRESS: a flag not given leaves no attribute, so the preset's value stays.
-        group.add_argument(
-            "--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS, help=text
-        )
-    for flag, text in (
-        ("--use-gpu", "one GPU a worker (NCCL); default: the preset's"),
-        ("--fixed-temperature", "keep the temperature at --init-temperature, do not learn it"),
-        ("--grad-checkpointing", "recompute transformer activations in backward: less memory"),
-    ):
-        group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
-    group.add_argument(
-        "--val-dataset",
-        default=argparse.SUPPRESS,
-        help="small labelled image folder probed zero-shot during training (default: the "
-        "demo's val folder)",
-    )
+def run_spec(spec: RunSpec, address: str | None, after: Any = None) -> RunSpec:
+    """The one place a job opens its run dir and runs its stages: validate the spec, then
+    (unless a dry run) save it as RUN/config.json, start Ray, run the stages, summarise."""
+    spec = validate(spec)
+    run = RunDir.at(spec.run_dir)
+    if spec.options.dry_run:
+        print(pretrain.format_plan(spec, pretrain.plan(spec, run)))
+        return spec
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run.root / "config.json", spec.to_dict())
+    init_ray(address)
+    for stage in spec.stages:
+        getattr(pretrain, stage)(spec, run)
+    print(pretrain.format_summary(pretrain.summary(spec, run)))
+    if after is not None:
+        after(spec, run)
+    return spec
 
 
-def _train_overrides(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
-    changes = {n: getattr(args, n) for n in TRAIN_FLAGS if getattr(args, n, None) is not None}
-    for flag, field, value in (
-        ("use_gpu", "use_gpu", True),
-        ("fixed_temperature", "learn_temperature", False),
-        ("grad_checkpointing", "grad_checkpointing", True),
-    ):
-        if getattr(args, flag, None):
-            changes[field] = value
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+def fail(err: Exception) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--eval-dataset",
-        default=None,
-        help="image folder (one sub-folder per class, optional classnames.txt / templates.txt); "
-        "default: the demo's eval folder",
-    )
-
-
-def _networks(text: str) -> tuple[str, ...]:
-    networks = tuple(n.strip() for n in text.split(",") if n.strip())
-    for n in networks:
-        try:
-            ipaddress.ip_network(n, strict=False)
-        except ValueError as err:
-            raise ValueError(f"--allowed-networks: {n!r} is not a CIDR network ({err})") from None
-    return networks
-
-
-def build_config(args: argparse.Namespace) -> PipelineConfig:
-    cfg = get_preset(args.preset)
-    if args.model is not None:
-        # Workers may run elsewhere than this process's directory: a config file goes absolute.
-        model = str(Path(args.model).resolve()) if args.model.endswith(".json") else args.model
-        resolve_model_name(model)
-        # The tokenizer must be the trained model's: one flag sets both.
-        cfg = dataclasses.replace(
-            cfg,
-            prepare=dataclasses.replace(
-                cfg.prepare, tokenize=dataclasses.replace(cfg.prepare.tokenize, model=model)
-            ),
-            train=dataclasses.replace(cfg.train, model=model),
-        )
-    if getattr(args, "input", None) is not None:
-        prepare = dataclasses.replace(
-            cfg.prepare,
-            url_col=args.url_col,
-            caption_col=args.caption_col,
-            download=dataclasses.replace(
-                cfg.prepare.download, allowed_networks=_networks(args.allowed_networks)
-            ),
-        )
-        cfg = dataclasses.replace(cfg, prepare=prepare)
-    elif getattr(args, "allowed_networks", ""):
-        download = dataclasses.replace(
-            cfg.prepare.download, allowed_networks=_networks(args.allowed_networks)
-        )
-        cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, download=download))
-    return _train_overrides(_data_filters(cfg, args), args)
-
-
-def _data_filters(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
-    """--save-additional-columns, --decontaminate and --near-duplicate-distance."""
-    prepare, filters = cfg.prepare, cfg.prepare.filters
-    extra = tuple(c.strip() for c in getattr(args, "save_additional_columns", "").split(","))
-    if any(extra):
-        prepare = dataclasses.replace(prepare, save_additional_columns=tuple(c for c in extra if c))
-    if getattr(args, "decontaminate", None):
-        # Absolute: the run's config (and its hash) must not depend on the current directory.
-        filters = dataclasses.replace(
-            filters, decontaminate=str(Path(args.decontaminate).resolve())
-        )
-    distance = getattr(args, "near_duplicate_distance", None)
-    if distance is not None:
-        if not 0 <= distance <= 15:
-            raise ValueError(f"--near-duplicate-distance: {distance} is not within 0..15")
-        filters = dataclasses.replace(filters, near_duplicate_distance=distance)
-    return dataclasses.replace(cfg, prepare=dataclasses.replace(prepare, filters=filters))
-
-
-def build_pipeline(args: argparse.Namespace) -> Pipeline:
-    cfg = build_config(args)
-    run_dir = args.run_dir or os.path.join("runs", args.preset)
-    return Pipeline(
-        cfg=cfg,
-        run=RunDir.at(run_dir),
-        input_path=getattr(args, "input", None),
-        eval_dataset=getattr(args, "eval_dataset", None),
-        val_dataset=getattr(args, "val_dataset", None),
-        force=args.force,
-        retry_failed=getattr(args, "retry_failed", False),
-    )
+ERRORS = (ValueError, FileNotFoundError, StageConfigMismatch)
 
 
 def init_ray(address: str | None) -> None:
@@ -248,39 +304,29 @@ def _free_port() -> int:
 
 
 def run_job(
-    description: str, stages: tuple[str, ...], data: bool, eval_set: bool, sweep: bool = False
+    description: str,
+    stages: tuple[str, ...],
+    sections: tuple[str, ...],
+    inputs: tuple[str, ...] = (),
+    sweep: bool = False,
 ) -> None:
-    """Parse flags, check inputs before Ray starts, run `stages`, print the summary.
+    """Parse flags, build and check the spec before Ray starts, run `stages`, print the summary.
 
     sweep: offer --sweep, which runs the sweep stage in place of train.
     Bad input ends with one line naming the problem and exit status 2.
     """
-    parser = base_parser(description)
-    if data:
-        add_data_args(parser)
-    if eval_set:
-        add_eval_args(parser)
-    if "train" in stages:
-        add_train_args(parser)
+    parser = job_parser(description, sections, inputs=inputs)
     if sweep:
         parser.add_argument(
             "--sweep",
             action="store_true",
-            help="instead of one training run, a Tune sweep (the preset's sweep section; "
-            "jobs/sweep.py takes every knob) whose best trial becomes RUN/model",
+            help="instead of one training run, a Tune sweep over the spec's sweep section; its "
+            "best trial becomes RUN/model",
         )
     args = parser.parse_args()
+    set_log_level(args.log_level)
     try:
-        pipeline = build_pipeline(args)
-        pipeline.check_inputs()
-        if getattr(args, "sweep", False):
-            stages = tuple("sweep" if s == "train" else s for s in stages)
-            pipeline.model_stage = "sweep"
-            pipeline.check_sweep(prepared="prepare" not in stages)
-        init_ray(args.address)
-        for stage in stages:
-            getattr(pipeline, stage)()
-        print(format_summary(pipeline.summary()))
-    except (ValueError, FileNotFoundError, StageConfigMismatch) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        spec = spec_from_args(parser, args, stages, sweep=getattr(args, "sweep", False))
+        run_spec(spec, args.address)
+    except ERRORS as err:
+        fail(err)

@@ -18,27 +18,29 @@ import sys
 import time
 from pathlib import Path
 
-from common import base_parser, build_pipeline, init_ray
+from common import ERRORS, fail, init_ray, job_parser, run_spec, set_log_level
 
-from pipeline.rundir import StageConfigMismatch, write_json_atomic
+from pipeline.config import get_preset
+from pipeline.rundir import write_json_atomic
 
 STANDALONE = ("model", "pretrained", "dataset", "retrieval", "output")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__)
-    for action in p._actions:  # base_parser's wording is the training jobs'
-        if action.dest == "model":
-            action.help = (
-                "model to evaluate: an exported model directory (RUN/model, or local-dir:PATH), "
-                "or an open_clip model name / JSON config with --pretrained (default with "
-                "--run-dir: RUN/model)"
-            )
+    p = job_parser(__doc__, (), inputs=("eval_dataset",))
+    for action in p._actions:
         if action.dest == "address":
             action.help = (
                 "Ray cluster address (default: RAY_ADDRESS, or a Ray already running here, else "
                 "a new local one); 'local' always starts a private local Ray"
             )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model to evaluate: an exported model directory (RUN/model, or local-dir:PATH), "
+        "or an open_clip model name / JSON config with --pretrained (default with "
+        "--run-dir: RUN/model)",
+    )
     p.add_argument("--pretrained", default=None, help="checkpoint file for a --model name")
     p.add_argument(
         "--dataset",
@@ -83,32 +85,49 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="one GPU per embedding actor (default: when the cluster has GPUs)",
     )
-    p.add_argument(
-        "--eval-dataset",
-        default=None,
-        help="with --run-dir: the image folder to evaluate on (default: the demo's eval folder)",
-    )
     return p
 
 
+# The eval flags and the EvalConfig fields they set, in run-dir mode as in standalone mode.
+EVAL_FLAGS = {
+    "classnames": "--classnames",
+    "templates": "--templates",
+    "batch_size": "--batch-size",
+}
+
+
 def eval_overrides(cfg, args: argparse.Namespace):
-    """--classnames / --templates / --batch-size onto an EvalConfig."""
-    changes = {k: getattr(args, k) for k in ("classnames", "templates", "batch_size")}
+    """--classnames / --templates / --batch-size onto an EvalConfig (standalone mode)."""
+    changes = {k: getattr(args, k) for k in EVAL_FLAGS}
     changes = {k: v for k, v in changes.items() if v is not None}
     if changes.get("batch_size", 1) < 1:
         raise ValueError("--batch-size must be at least 1")
     return dataclasses.replace(cfg, **changes)
 
 
-def run_dir_mode(args: argparse.Namespace) -> None:
-    pipeline = build_pipeline(args)
-    pipeline.cfg = dataclasses.replace(pipeline.cfg, eval=eval_overrides(pipeline.cfg.eval, args))
-    pipeline.check_inputs()
-    init_ray(args.address)
-    pipeline.evaluate()
-    from pipeline.pretrain import format_summary
+def run_dir_spec(args: argparse.Namespace):
+    """The spec of the eval stage of a run: the preset's eval section with the eval flags."""
+    from pipeline.spec import Inputs, Options, build_spec
 
-    print(format_summary(pipeline.summary()))
+    eval_overrides(get_preset(args.preset).eval, args)  # checks --batch-size
+    flags = {
+        f"eval.{k}": (getattr(args, k), flag)
+        for k, flag in EVAL_FLAGS.items()
+        if getattr(args, k) is not None
+    }
+    return build_spec(
+        preset=args.preset,
+        run_dir=args.run_dir,
+        stages=("evaluate",),
+        config_file=args.config,
+        flags=flags,
+        inputs=Inputs(eval_dataset=args.eval_dataset),
+        options=Options(force=args.force, dry_run=args.dry_run),
+    )
+
+
+def run_dir_mode(args: argparse.Namespace) -> None:
+    run_spec(run_dir_spec(args), args.address)
 
 
 def standalone(args: argparse.Namespace) -> dict:
@@ -116,9 +135,8 @@ def standalone(args: argparse.Namespace) -> dict:
     import open_clip
 
     from pipeline import evaluate as ev
-    from pipeline.config import get_preset
 
-    for flag in ("eval_dataset", "force"):
+    for flag in ("eval_dataset", "force", "dry_run"):
         if getattr(args, flag):
             raise ValueError(f"--{flag.replace('_', '-')} is for --run-dir runs; use --dataset")
     if args.model is None and args.run_dir is None:
@@ -165,6 +183,8 @@ def standalone(args: argparse.Namespace) -> dict:
                 ref, retrieval, cfg, use_gpu, loaded, args.image_col, args.caption_col
             )
         )
+    if data is not None:
+        results.update(ev.clip_benchmark_keys(results, ref.model, ref.pretrained))
     results.update(
         model=ref.model,
         pretrained=ref.pretrained,
@@ -197,14 +217,14 @@ def standalone(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = parser().parse_args()
+    set_log_level(args.log_level)
     try:
         if any(getattr(args, k) is not None for k in STANDALONE):
             standalone(args)
         else:
             run_dir_mode(args)
-    except (ValueError, FileNotFoundError, StageConfigMismatch) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except ERRORS as err:
+        fail(err)
 
 
 if __name__ == "__main__":

@@ -3,4 +3,4 @@
 from common import run_job
 
 if __name__ == "__main__":
-    run_job(__doc__, stages=("prepare",), data=True, eval_set=False)
+    run_job(__doc__, stages=("prepare",), sections=("prepare", "demo"), inputs=("url_list",))

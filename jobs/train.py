@@ -3,4 +3,4 @@
 from common import run_job
 
 if __name__ == "__main__":
-    run_job(__doc__, stages=("train",), data=False, eval_set=False)
+    run_job(__doc__, stages=("train",), sections=("train",), inputs=("val_dataset",))

@@ -15,6 +15,11 @@ from typing import Any
 MIB = 1024 * 1024
 
 
+def choices(*values: str) -> dict[str, tuple[str, ...]]:
+    """Field metadata: the values a field accepts (checked in config files, listed by --help)."""
+    return {"choices": values}
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """The built-in demo corpus: procedurally drawn shapes served on 127.0.0.1."""
@@ -37,9 +42,12 @@ class DownloadConfig:
     """Fetching and resizing, with img2dataset's semantics for the resize options."""
 
     image_size: int = 64  # the tiny models train at 64 px; datacomp-small uses 224
-    resize_mode: str = "center_crop"  # img2dataset: no, keep_ratio, center_crop, border
+    # img2dataset's resize modes
+    resize_mode: str = field(
+        default="center_crop", metadata=choices("no", "keep_ratio", "center_crop", "border")
+    )
     resize_only_if_bigger: bool = False
-    encode_format: str = "jpg"
+    encode_format: str = field(default="jpg", metadata=choices("jpg", "png", "webp"))
     encode_quality: int = 95
     timeout: float = 10.0  # seconds per connect/read; a stalled server cannot hold a thread
     retries: int = 1  # only transient failures (timeouts, 5xx, connection errors) retry
@@ -117,7 +125,8 @@ class TrainConfig:
     init_temperature: float = 0.07  # CLIP's initial temperature, logit scale 1/0.07
     learn_temperature: bool = True  # False: fixed, so a sweep's temperature axis is exactly it
     max_logit_scale: float = 100.0  # CLIP clamps the learned scale here
-    loss: str = "clip"  # "clip" (open_clip's ClipLoss) or "siglip" (sigmoid loss; set temp 0.1)
+    # clip: open_clip's ClipLoss; siglip: the sigmoid loss (set the temperature to 0.1)
+    loss: str = field(default="clip", metadata=choices("clip", "siglip"))
     init_logit_bias: float = -10.0  # SigLIP only: the paper's initial bias
     max_steps: int = 0  # 0: `epochs` epochs; otherwise exactly this many steps
     # Feature-cache accumulation: each worker's batch runs as accum_freq micro-batches, so a
@@ -125,7 +134,8 @@ class TrainConfig:
     accum_freq: int = 1
     grad_clip_norm: float = 0.0  # 0: no clipping; the norm is logged either way
     grad_checkpointing: bool = False  # recompute transformer activations: less memory, ~30% time
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or "bf16", "fp32"
+    # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: str = field(default="auto", metadata=choices("auto", "bf16", "fp32"))
     seed: int = 0
     checkpoint_every_steps: int = 200
     max_failures: int = 2  # worker deaths survived by restoring the last checkpoint
@@ -135,7 +145,10 @@ class TrainConfig:
     # ranks trials by it.
     zeroshot_every_steps: int = 60
     zeroshot_images_per_class: int = 4
-    placement_strategy: str = "PACK"  # Ray's placement of workers: PACK or SPREAD over nodes
+    # Ray's placement of workers over nodes
+    placement_strategy: str = field(
+        default="PACK", metadata=choices("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    )
     data_cpus_per_task: float = 0.25  # Ray Data read+decode tasks beside the workers
 
 
@@ -151,9 +164,13 @@ class EvalConfig:
 class SweepConfig:
     """A Ray Tune sweep of the contrastive knobs, early-stopped by ASHA on zero-shot accuracy.
 
-    Every trial trains `max_steps` steps unless ASHA stops it at a rung (grace_period,
-    grace_period * reduction_factor, ...); zero-shot top-1 on a small held-out image folder is
-    measured every `zeroshot_every_steps`, so rungs should fall on multiples of it.
+    Each axis sets one training field (temperatures: train.init_temperature, learn_temperature:
+    train.learn_temperature, batch_sizes: train.global_batch_size, the lr rule or lrs: train.lr,
+    seeds: train.seed; max_steps: train.max_steps); every other training field is the run's
+    train section, the same for every trial. Every trial trains `max_steps` steps unless ASHA
+    stops it at a rung (grace_period, grace_period * reduction_factor, ...); zero-shot top-1 on
+    a small held-out image folder is measured every train.zeroshot_every_steps, so rungs should
+    fall on multiples of it.
     """
 
     # The search space. A list is a grid axis (grid) or a choice (random, optuna). The grid runs
@@ -170,13 +187,14 @@ class SweepConfig:
     batch_sizes: tuple[int, ...] = (128, 64)  # global batch sizes
     # linear: lr = base_lr * batch / base_batch (Goyal et al.); sqrt: * sqrt(batch / base_batch),
     # gentler for Adam-type optimisers; swept: `lrs` is one more axis of the space.
-    lr_rule: str = "sqrt"
+    lr_rule: str = field(default="sqrt", metadata=choices("linear", "sqrt", "swept"))
     # Short trials want a brisk lr: the demo's 2e-3, here at batch 128 rather than 256.
     base_lr: float = 2e-3
     base_batch_size: int = 128
     lrs: tuple[float, ...] = ()
     seeds: tuple[int, ...] = (0,)
-    search: str = "grid"  # grid, random or optuna
+    # grid, random or optuna
+    search: str = field(default="grid", metadata=choices("grid", "random", "optuna"))
     num_samples: int = 1  # trials drawn by random/optuna search; grid: repeats of the grid
     # Early stopping.
     scheduler: str = "asha"  # asha, or none to run every trial to the end
@@ -186,16 +204,6 @@ class SweepConfig:
     # earlier first rung would rank noise.
     grace_period: int = 30
     reduction_factor: int = 3  # ASHA keeps the top third at each rung
-    zeroshot_every_steps: int = 30
-    zeroshot_images_per_class: int = 16  # the demo's whole val folder: ~1.5 s a probe on a CPU
-    warmup_steps: int = 10  # short trials: the preset's warmup would be most of the budget
-    # Resources. 0: the training config's number of workers. The demo's trials are faster on
-    # one: on a CPU a second worker only adds the gradient all-reduce and its own start-up.
-    workers_per_trial: int = 1
-    # CPUs each trial worker reserves (its torch threads: the CPUs rounded up). 0: the training
-    # config's. The demo's: one thread, which on 2 cores runs a step in about half the time of
-    # two threads (those share the cores with Ray Data's decode tasks and scheduling loop).
-    cpus_per_worker: float = 1.0
     # The Tune function only waits on its trainer, yet holds a slot in the cluster.
     driver_cpus_per_trial: float = 0.05
     # Kept free per trial for its Ray Data read and decode tasks, so the next trial's workers
@@ -214,22 +222,58 @@ class PipelineConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
-def _tiny() -> PipelineConfig:
+# A sweep's trials train with the preset's train section and these changes (its axes and
+# max_steps then set the rest): short trials want a short warmup and frequent probes, since
+# ASHA ranks trials on them, and a checkpoint at every probe, so a resumed trial restarts
+# from its last one and the winner's final one is exported.
+_DEMO_TRIALS = {
+    # The demo's trials are faster on one worker: on a CPU a second one only adds the
+    # all-reduce and its own start-up. One thread, which on 2 cores runs a step in about half
+    # the time of two (those share the cores with Ray Data's decode tasks).
+    "num_workers": 1,
+    "cpus_per_worker": 1.0,
+    "warmup_steps": 10,  # the preset's 50 would be most of a 150-step budget
+    "zeroshot_every_steps": 30,
+    "checkpoint_every_steps": 30,
+    "zeroshot_images_per_class": 16,  # the demo's whole val folder: ~1.5 s a probe on a CPU
+}
+
+
+def _demo(sweep: bool = False) -> PipelineConfig:
+    cfg = PipelineConfig()
+    if sweep:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_DEMO_TRIALS))
+    return cfg
+
+
+def _tiny(sweep: bool = False) -> PipelineConfig:
     # The same path as the demo on a few hundred pairs: about a minute, for tests.
+    train = TrainConfig(
+        global_batch_size=64,
+        epochs=2,
+        warmup_steps=2,
+        checkpoint_every_steps=5,
+        zeroshot_every_steps=5,
+        zeroshot_images_per_class=1,
+    )
+    if sweep:
+        train = dataclasses.replace(
+            train,
+            **_DEMO_TRIALS
+            | {
+                "warmup_steps": 2,
+                "zeroshot_every_steps": 2,
+                "checkpoint_every_steps": 2,
+                "zeroshot_images_per_class": 2,
+            },
+        )
     return PipelineConfig(
         preset="tiny",
         demo=DemoConfig(
             num_train=400, eval_images_per_class=2, val_images_per_class=1, num_retrieval=64
         ),
         prepare=PrepareConfig(rows_per_shard=150),
-        train=TrainConfig(
-            global_batch_size=64,
-            epochs=2,
-            warmup_steps=2,
-            checkpoint_every_steps=5,
-            zeroshot_every_steps=5,
-            zeroshot_images_per_class=1,
-        ),
+        train=train,
         eval=EvalConfig(batch_size=128),
         # Four short trials, so a test sees ASHA stop some within a minute or two.
         sweep=SweepConfig(
@@ -240,15 +284,34 @@ def _tiny() -> PipelineConfig:
             max_steps=8,
             grace_period=2,
             reduction_factor=2,
-            zeroshot_every_steps=2,
-            zeroshot_images_per_class=2,
-            warmup_steps=2,
         ),
     )
 
 
-def _datacomp_small() -> PipelineConfig:
+def _datacomp_small(sweep: bool = False) -> PipelineConfig:
     # DataComp small scale: ViT-B-32 at 224 px, global batch 4096, lr 5e-4, warmup 500.
+    train = TrainConfig(
+        model="ViT-B-32",
+        num_workers=8,
+        use_gpu=True,
+        global_batch_size=4096,
+        max_steps=3_125,  # 12.8M samples seen, however many epochs the pool allows
+        lr=5e-4,
+        weight_decay=0.2,
+        warmup_steps=500,
+        checkpoint_every_steps=500,
+        zeroshot_every_steps=500,
+        cpus_per_worker=8,  # decoding 224 px JPEGs for an H100/A100 takes many cores
+    )
+    if sweep:
+        # Every trial on all 8 GPU workers; a tenth of the schedule each.
+        train = dataclasses.replace(
+            train,
+            warmup_steps=100,
+            zeroshot_every_steps=125,
+            checkpoint_every_steps=125,
+            zeroshot_images_per_class=16,
+        )
     return PipelineConfig(
         preset="datacomp-small",
         prepare=PrepareConfig(
@@ -258,21 +321,9 @@ def _datacomp_small() -> PipelineConfig:
             filters=FilterConfig(near_duplicate_distance=2),
             tokenize=TokenizeConfig(model="ViT-B-32"),
         ),
-        train=TrainConfig(
-            model="ViT-B-32",
-            num_workers=8,
-            use_gpu=True,
-            global_batch_size=4096,
-            max_steps=3_125,  # 12.8M samples seen, however many epochs the pool allows
-            lr=5e-4,
-            weight_decay=0.2,
-            warmup_steps=500,
-            checkpoint_every_steps=500,
-            zeroshot_every_steps=500,
-            cpus_per_worker=8,  # decoding 224 px JPEGs for an H100/A100 takes many cores
-        ),
+        train=train,
         eval=EvalConfig(concurrency=4),
-        # Every trial on all 8 GPU workers; a tenth of the schedule each, ASHA cuts at 250 steps.
+        # ASHA cuts at 250 steps.
         sweep=SweepConfig(
             temperatures=(0.07, 0.03, 0.1),  # CLIP's initial temperature first
             learn_temperature=(True,),  # as CLIP trains: the sweep is over its initial value
@@ -281,26 +332,23 @@ def _datacomp_small() -> PipelineConfig:
             base_batch_size=4096,
             max_steps=750,
             grace_period=250,
-            zeroshot_every_steps=125,
-            warmup_steps=100,
-            workers_per_trial=0,
-            cpus_per_worker=0,
             data_cpus_per_trial=4,
         ),
     )
 
 
 PRESETS = {
-    "demo": PipelineConfig,
+    "demo": _demo,
     "tiny": _tiny,
     "datacomp-small": _datacomp_small,
 }
 
 
-def get_preset(name: str) -> PipelineConfig:
+def get_preset(name: str, sweep: bool = False) -> PipelineConfig:
+    """The named preset; with `sweep`, its train section is the base of a sweep's trials."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
+    return PRESETS[name](sweep)
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:

@@ -1,32 +1,30 @@
-"""The whole path on a run directory: demo corpus → prepare → train + export → eval → summary.
+"""The stages of a run, each a function of (spec, run dir): demo → prepare → train or sweep
+→ eval → summary.
 
-Each stage is skipped when the manifest says it finished with the same
-configuration (and the same upstream stages); a stage whose configuration
-changed is refused unless forced, so nothing written is silently mixed.
+A stage's identity is its part of the spec plus fingerprints of what it consumed (the URL
+list's content, the shards, the validation and eval folders, the model's weights), recorded in
+RUN/manifest.json. `begin` decides, in one place, whether a stage runs: a finished stage with
+the same identity is skipped; one whose own configuration changed is refused, naming every
+field that differs, unless forced; one whose inputs changed (new shards, a new model) runs
+again, saying which input changed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.config import PipelineConfig, config_hash
 from pipeline.rundir import RunDir, StageConfigMismatch, write_json_atomic
+from pipeline.spec import RunSpec, diff, digest
 
-DEMO_NETWORK = "127.0.0.1/32"  # the demo server's address, allowed explicitly
-
-
-def _chain(*parts: str) -> str:
-    """A stage's hash covers its own config and its upstream stages' hashes."""
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+ORDER = ("prepare", "train", "sweep", "evaluate")
+IDENTITY_FILE = ".identity.json"  # in a resumable stage's folder: whose run it holds
 
 
 def count_samples(shards: Path) -> int:
@@ -36,310 +34,437 @@ def count_samples(shards: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
-@dataclasses.dataclass
-class Pipeline:
-    """Runs stages of one run directory; the jobs are thin wrappers around its methods."""
+# -- fingerprints ---------------------------------------------------------------------------
+def shards_fingerprint(shards: Path) -> str | None:
+    """The shards' names, sizes and row counts: prepare rewriting any shard changes it."""
+    files = sorted(shards.glob("*.parquet"))
+    if not files:
+        return None
+    parts = [(f.name, f.stat().st_size, pq.ParquetFile(f).metadata.num_rows) for f in files]
+    return digest(parts)
 
-    cfg: PipelineConfig
-    run: RunDir
-    input_path: str | None = None  # None: the built-in demo corpus
-    eval_dataset: str | None = None  # None: the demo's eval folder
-    val_dataset: str | None = None  # zero-shot probes while training; None: the demo's val folder
-    force: bool = False
-    retry_failed: bool = False  # prepare: fetch again the rows rejected for transient reasons
-    model_stage: str = "train"  # the stage whose model RUN/model holds: train, or sweep's winner
-    log: Any = print
-    _urls: Any = dataclasses.field(default=None, init=False, repr=False)
-    _forced: set[str] = dataclasses.field(default_factory=set, init=False, repr=False)
 
-    def __post_init__(self):
-        self.run.root.mkdir(parents=True, exist_ok=True)
+def folder_fingerprint(path: str | Path | None) -> str | None:
+    """A folder's (or file's) relative paths and sizes: an image set swapped or edited."""
+    if path is None:
+        return None
+    root = Path(path)
+    if root.is_file():
+        return digest([root.name, root.stat().st_size])
+    if not root.is_dir():
+        return None
+    return digest(
+        sorted((str(f.relative_to(root)), f.stat().st_size) for f in root.rglob("*") if f.is_file())
+    )
 
-    def check_inputs(self) -> None:
-        """Fail fast, before Ray starts, on what the user can fix: the URL list, the eval set."""
-        from pipeline.data.prepare import read_url_list
-        from pipeline.evaluate import load_image_folder
 
-        p = self.cfg.prepare
-        if self.input_path is not None:
-            self._urls = read_url_list(
-                self.input_path, p.url_col, p.caption_col, p.save_additional_columns
+def model_fingerprint(model_dir: Path) -> str | None:
+    """The exported weights' content: a new model (a retrain, a sweep's winner) changes it."""
+    files = sorted(model_dir.glob("*.safetensors")) + [model_dir / "open_clip_config.json"]
+    files = [f for f in files if f.exists()]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as stream:
+            while block := stream.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+# -- bookkeeping ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    run: bool
+    why: str
+    fresh: bool = False  # discard the stage's earlier outputs first
+
+
+def decide(run: RunDir, name: str, identity: dict[str, Any], force: bool) -> Decision:
+    """Whether stage `name` runs; raises StageConfigMismatch naming each changed setting."""
+    entry = run.stage(name)
+    if force:
+        return Decision(True, "forced (--force)", fresh=True)
+    if entry is None:
+        return Decision(True, "not finished yet")
+    old = entry.get("identity")
+    if old is None:
+        raise StageConfigMismatch(
+            f"stage {name!r} in {run.root} was finished by an older version of the pipeline "
+            "(no identity recorded); rerun with --force to redo it, or choose another --run-dir"
+        )
+    changed = diff(old["config"], identity["config"])
+    if changed:
+        raise StageConfigMismatch(
+            f"stage {name!r} in {run.root} was finished with another configuration: "
+            + "; ".join(changed)
+            + ". Rerun with --force to redo it, or choose another --run-dir"
+        )
+    inputs = diff(old["inputs"], identity["inputs"])
+    if inputs:
+        return Decision(True, "its input changed since it ran: " + "; ".join(inputs), fresh=True)
+    return Decision(False, f"already finished in {run.root} (use --force to redo)")
+
+
+def begin(
+    spec: RunSpec,
+    run: RunDir,
+    name: str,
+    identity: dict[str, Any],
+    log: Any,
+    folder: Path | None = None,
+) -> Decision:
+    """Decide, log, and prepare for a stage: forget a stage that reruns, claim its folder."""
+    decision = decide(run, name, identity, spec.options.force)
+    if not decision.run:
+        log(f"[{name}] {decision.why}")
+        return decision
+    if decision.fresh:
+        if run.stage(name) is not None and not spec.options.force:
+            log(f"[{name}] {decision.why}: running it again")
+        run.forget(name)
+    if folder is not None:
+        claim(folder, identity, fresh=decision.fresh, what=name)
+    return decision
+
+
+def claim(folder: Path, identity: dict[str, Any], fresh: bool, what: str) -> None:
+    """Take `folder` for a stage of this identity: an unfinished run of another identity there
+    is refused (resuming it would mix two), unless `fresh` discards it."""
+    marker = folder / IDENTITY_FILE
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    if marker.exists():
+        changed = diff(json.loads(marker.read_text()), identity)
+        if changed:
+            raise StageConfigMismatch(
+                f"{folder} holds an unfinished {what} of another configuration ("
+                + "; ".join(changed)
+                + "); rerun with --force to discard it, or choose another --run-dir"
             )
-        if p.filters.decontaminate is not None:
-            from pipeline.data.filters import IMAGE_SUFFIXES
+    write_json_atomic(marker, identity)
 
-            folder = Path(p.filters.decontaminate)
-            if not folder.is_dir():
-                raise FileNotFoundError(f"--decontaminate: {str(folder)!r} is not a folder")
-            if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.rglob("*")):
-                raise ValueError(f"--decontaminate: no images under {str(folder)!r}")
-        if self.eval_dataset is not None:
-            load_image_folder(self.eval_dataset, self.cfg.eval.classnames, self.cfg.eval.templates)
-        if self.val_dataset is not None:
-            try:
-                load_image_folder(self.val_dataset)
-            except (ValueError, FileNotFoundError) as err:
-                raise type(err)(f"--val-dataset: {err}") from None
-        from pipeline.train.loop import check_config
 
-        check_config(self.cfg.train)
+def finish(run: RunDir, name: str, identity: dict[str, Any], **counts: Any) -> None:
+    run.mark_done(name, digest(identity), identity=identity, **counts)
 
-    # -- demo corpus -------------------------------------------------------------------------
-    def demo(self) -> dict[str, Any]:
-        from pipeline.demo import build_demo_corpus
 
-        h = config_hash(self.cfg.demo)
-        if self._skip("demo", h):
-            return json.loads((self.run.demo / "corpus.json").read_text())
-        self.log(f"Building the demo corpus in {self.run.demo} ...")
-        corpus = build_demo_corpus(self.run.demo, self.cfg.demo)
-        self.run.mark_done("demo", h)
-        return corpus
+# -- identities -----------------------------------------------------------------------------
+def _asdict(obj: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
 
-    @contextlib.contextmanager
-    def _url_list(self) -> Iterator[tuple[str, PipelineConfig]]:
-        """The URL list to prepare and the config for it (the demo allows its own server)."""
-        if self.input_path is not None:
-            yield self.input_path, self.cfg
-            return
+
+def demo_identity(spec: RunSpec) -> dict[str, Any]:
+    return {"config": _asdict(spec.config.demo), "inputs": {}}
+
+
+def prepare_identity(spec: RunSpec) -> dict[str, Any]:
+    return {
+        "config": _asdict(spec.config.prepare),
+        "inputs": {"url_list": spec.inputs.url_list_fingerprint},
+    }
+
+
+def val_path(spec: RunSpec, run: RunDir) -> Path | None:
+    """The small labelled folder probed during training (and ranked on by sweeps)."""
+    if spec.inputs.val_dataset is not None:
+        return Path(spec.inputs.val_dataset)
+    if spec.inputs.url_list is None and (run.demo / "val").is_dir():
+        return run.demo / "val"
+    return None
+
+
+def train_identity(spec: RunSpec, run: RunDir) -> dict[str, Any]:
+    return {
+        "config": _asdict(spec.config.train),
+        "inputs": {
+            "shards": shards_fingerprint(run.shards),
+            "val_dataset": folder_fingerprint(val_path(spec, run)),
+        },
+    }
+
+
+def sweep_identity(spec: RunSpec, run: RunDir) -> dict[str, Any]:
+    ident = train_identity(spec, run)
+    ident["config"] = {"train": ident["config"], "sweep": _asdict(spec.config.sweep)}
+    return ident
+
+
+def eval_paths(spec: RunSpec, run: RunDir) -> tuple[Path, Path | None]:
+    if spec.inputs.eval_dataset is not None:
+        return Path(spec.inputs.eval_dataset), None
+    if spec.inputs.url_list is None:
+        return run.demo / "eval", run.demo / "retrieval.parquet"
+    raise ValueError("no eval dataset: pass --eval-dataset (an image folder, one per class)")
+
+
+def eval_identity(spec: RunSpec, run: RunDir) -> dict[str, Any]:
+    dataset, retrieval = eval_paths(spec, run)
+    return {
+        "config": _asdict(spec.config.eval),
+        "inputs": {
+            "eval_dataset": folder_fingerprint(dataset),
+            "retrieval": folder_fingerprint(retrieval),
+            "model": model_fingerprint(run.model),
+        },
+    }
+
+
+# -- stages ---------------------------------------------------------------------------------
+def demo(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
+    from pipeline.demo import build_demo_corpus
+
+    ident = demo_identity(spec)
+    if not begin(spec, run, "demo", ident, log).run:
+        return json.loads((run.demo / "corpus.json").read_text())
+    log(f"Building the demo corpus in {run.demo} ...")
+    corpus = build_demo_corpus(run.demo, spec.config.demo)
+    finish(run, "demo", ident)
+    return corpus
+
+
+def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
+    from pipeline.data.prepare import format_funnel, read_url_list
+
+    ident = prepare_identity(spec)
+    p = spec.config.prepare
+    entry = run.stage("prepare")
+    # A retry reopens a finished stage of this very identity (decide refuses another one).
+    retry = (
+        spec.options.retry_failed
+        and entry is not None
+        and not spec.options.force
+        and not decide(run, "prepare", ident, False).run
+    )
+    decision = (
+        Decision(True, "--retry-failed") if retry else begin(spec, run, "prepare", ident, log)
+    )
+    if not decision.run:
+        return json.loads(run.stats_path.read_text())
+    if spec.inputs.url_list is not None:
+        urls = read_url_list(
+            spec.inputs.url_list, p.url_col, p.caption_col, p.save_additional_columns
+        )
+        stats = _run_prepare(spec, run, urls, spec.inputs.url_list, None, decision, log)
+    else:
         from pipeline.demo import serve_demo, write_url_list
 
-        self.demo()
-        download = self.cfg.prepare.download
-        networks = tuple(dict.fromkeys((*download.allowed_networks, DEMO_NETWORK)))
-        cfg = dataclasses.replace(
-            self.cfg,
-            prepare=dataclasses.replace(
-                self.cfg.prepare,
-                download=dataclasses.replace(download, allowed_networks=networks),
-            ),
-        )
-        with serve_demo(self.run.demo / "www") as base_url:
-            self.log(f"Demo images served at {base_url} while they download")
-            yield str(write_url_list(self.run.demo, base_url)), cfg
+        demo(spec, run, log)
+        with serve_demo(run.demo / "www") as base_url:
+            log(f"Demo images served at {base_url} while they download")
+            path = str(write_url_list(run.demo, base_url))
+            urls = read_url_list(path, p.url_col, p.caption_col, p.save_additional_columns)
+            # The demo's list names a new port each time: its fingerprint is its identity.
+            stats = _run_prepare(spec, run, urls, path, digest(ident), decision, log)
+    log(format_funnel(stats))
+    finish(
+        run,
+        "prepare",
+        ident,
+        samples=stats["samples"],
+        rejects=stats["rejects"],
+        shards=shards_fingerprint(run.shards),
+    )
+    return stats
 
-    # -- stages ------------------------------------------------------------------------------
-    def _skip(self, stage: str, h: str) -> bool:
-        if self.force and stage not in self._forced:
-            self._forced.add(stage)
-            self.run.forget(stage)
-            return False
-        if self.run.is_done(stage, h):
-            self.log(f"[{stage}] already finished in {self.run.root} (use --force to redo)")
-            return True
-        return False
 
-    def _prepare_hash(self) -> str:
-        source = f"demo:{config_hash(self.cfg.demo)}"
-        if self.input_path is not None:
-            # The same list named by another relative path is the same input.
-            is_local = "://" not in self.input_path
-            source = str(Path(self.input_path).resolve()) if is_local else self.input_path
-        return _chain(config_hash(self.cfg.prepare), source)
+def _run_prepare(spec, run, urls, path, fingerprint, decision, log):
+    from pipeline.data.prepare import run_prepare
 
-    def prepare(self) -> dict[str, Any]:
-        from pipeline.data.prepare import format_funnel, read_url_list, run_prepare
+    log(f"[prepare] {len(urls)} rows from {path}")
+    return run_prepare(
+        urls,
+        run,
+        spec.config.prepare,
+        fingerprint=fingerprint,
+        retry_failed=spec.options.retry_failed,
+        fresh=decision.fresh,
+        log=log,
+    )
 
-        h = self._prepare_hash()
-        # A retry reopens a finished stage (of this very config: is_done refuses another one).
-        retry = self.retry_failed and self.run.is_done("prepare", h) and not self.force
-        if not retry and self._skip("prepare", h):
-            return json.loads(self.run.stats_path.read_text())
-        with self._url_list() as (path, cfg):
-            p = cfg.prepare
-            urls = self._urls if self._urls is not None and path == self.input_path else None
-            if urls is None:
-                urls = read_url_list(path, p.url_col, p.caption_col, p.save_additional_columns)
-            self.log(f"[prepare] {len(urls)} rows from {path}")
-            stats = run_prepare(
-                urls,
-                self.run,
-                p,
-                # The demo's list names a new port each time: its fingerprint is its config.
-                fingerprint=None if self.input_path is not None else h,
-                retry_failed=self.retry_failed,
-                fresh=self.force,
-                log=self.log,
-            )
-        self.log(format_funnel(stats))
-        self.run.mark_done("prepare", h, samples=stats["samples"], rejects=stats["rejects"])
-        return stats
 
-    def _train_hash(self) -> str:
-        upstream = (self.run.stage("prepare") or {}).get("config_hash", "external")
-        return _chain(config_hash(self.cfg.train), upstream)
+def train(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
+    from pipeline.train.loop import run_training
 
-    def _claim(self, folder: Path, h: str, what: str) -> None:
-        """Take `folder` for a stage with config hash `h`: an unfinished run there with another
-        configuration is refused (resuming it would mix two configurations), unless forced."""
-        marker = folder / ".config_hash"
-        if self.force and folder.exists():
-            shutil.rmtree(folder)
-        if marker.exists() and marker.read_text() != h:
-            raise StageConfigMismatch(
-                f"{folder} holds an unfinished {what} with another configuration; "
-                "rerun with --force to discard it, or choose another --run-dir"
-            )
-        folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(h)
+    ident = train_identity(spec, run)
+    if not begin(spec, run, "train", ident, log, folder=run.train).run:
+        return run.stage("train")["metrics"]
+    cfg = spec.config.train
+    num_samples = count_samples(run.shards)
+    log(f"[train] {num_samples} samples, {cfg.num_workers} workers")
+    _, metrics = run_training(
+        cfg, run.shards, num_samples, run.root, zeroshot_dataset=val_path(spec, run)
+    )
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    write_run_card(spec, run, ident, metrics, cfg.global_batch_size)
+    finish(run, "train", ident, metrics=metrics, model=str(run.model))
+    return metrics
 
-    def train(self) -> dict[str, Any]:
-        from pipeline.train.loop import run_training
 
-        h = self._train_hash()
-        if self._skip("train", h):
-            return self.run.stage("train")["metrics"]
-        num_samples = count_samples(self.run.shards)
-        self._claim(self.run.train, h, "training run")
-        self.log(f"[train] {num_samples} samples, {self.cfg.train.num_workers} workers")
-        _, metrics = run_training(
-            self.cfg.train,
-            self.run.shards,
-            num_samples,
-            self.run.root,
-            zeroshot_dataset=self.val_path(),
-        )
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        self.run.mark_done("train", h, metrics=metrics, model=str(self.run.model))
-        return metrics
+def sweep(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
+    """Tune trials over the shared shards; the best one exported to RUN/model. Resumable."""
+    from pipeline.tune.sweep import export_winner, run_sweep
 
-    def val_path(self) -> Path | None:
-        """The small labelled folder probed during training (and ranked on by sweeps)."""
-        if self.val_dataset is not None:
-            return Path(self.val_dataset)
-        if self.input_path is None and (self.run.demo / "val").is_dir():
-            return self.run.demo / "val"
-        return None
+    val = val_path(spec, run)
+    if val is None:
+        raise FileNotFoundError(f"no validation folder in {run.demo / 'val'}: pass --val-dataset")
+    ident = sweep_identity(spec, run)
+    if not begin(spec, run, "sweep", ident, log, folder=run.sweep).run:
+        return run.stage("sweep")["winner"]
+    report = run_sweep(
+        spec.config.train,
+        spec.config.sweep,
+        run.shards,
+        count_samples(run.shards),
+        run.sweep,
+        val.resolve(),
+        log=log,
+    )
+    winner = report["winner"]
+    export_winner(run.sweep, winner, run.model)
+    counts = {k: report[k] for k in ("trials", "stopped_early", "steps_total", "winner")}
+    metrics = {"step": winner["steps"], "zeroshot_top1": winner["final_top1"]}
+    write_run_card(spec, run, ident, metrics, winner["hparams"]["batch_size"], winner=winner)
+    finish(
+        run, "sweep", ident, **counts, report=report["html"], metrics=metrics, model=str(run.model)
+    )
+    return winner
 
-    def check_sweep(self, prepared: bool = True) -> None:
-        """Fail before Ray starts on what a sweep needs: a search space, a val folder, shards."""
-        from pipeline.tune.sweep import check_sweep
 
-        check_sweep(self.cfg.sweep, self.cfg.train)
-        if self.val_dataset is None and self.input_path is not None:
-            raise ValueError("a sweep ranks trials on a held-out image folder: pass --val-dataset")
-        if prepared:
-            if self.val_path() is None:
-                raise FileNotFoundError(
-                    f"no validation folder in {self.run.demo / 'val'}: pass --val-dataset"
-                )
-            check_sweep(self.cfg.sweep, self.cfg.train, count_samples(self.run.shards))
+def evaluate(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
+    from pipeline.evaluate import (
+        clip_benchmark_keys,
+        evaluate_retrieval,
+        evaluate_zero_shot,
+        format_markdown,
+        write_tensorboard,
+    )
 
-    def sweep(self) -> dict[str, Any]:
-        """Tune trials over the shared shards; the best one exported to RUN/model. Resumable."""
-        from pipeline.tune.sweep import export_winner, run_sweep
+    if not (run.model / "open_clip_config.json").exists():
+        raise FileNotFoundError(f"no exported model in {run.model}: run jobs/train.py first")
+    dataset, retrieval = eval_paths(spec, run)
+    ident = eval_identity(spec, run)
+    if not begin(spec, run, "eval", ident, log).run:
+        return json.loads(run.eval_results_path.read_text())
+    results = evaluate_zero_shot(run.model, dataset, spec.config.eval)
+    if retrieval is not None and retrieval.exists():
+        results.update(evaluate_retrieval(run.model, retrieval, spec.config.eval))
+    results["dataset"] = str(dataset)
+    results.update(clip_benchmark_keys(results, model=str(run.model), pretrained=None))
+    write_json_atomic(run.eval_results_path, results)
+    model_stage = run.stage("sweep") if _model_from_sweep(run) else run.stage("train")
+    # At the last training step, so runs compare on one axis in TensorBoard.
+    step = (model_stage or {}).get("metrics", {}).get("step", 0)
+    write_tensorboard(results, run.root / "eval" / "tensorboard", step=int(step))
+    _add_eval_to_run_card(run, results)
+    log(format_markdown(results))
+    finish(run, "eval", ident, top1=results["top1"])
+    return results
 
-        self.model_stage = "sweep"
-        self.check_sweep()
-        val = self.val_path().resolve()
-        upstream = (self.run.stage("prepare") or {}).get("config_hash", "external")
-        h = _chain(config_hash(self.cfg.sweep), config_hash(self.cfg.train), str(val), upstream)
-        if self._skip("sweep", h):
-            return self.run.stage("sweep")["winner"]
-        self._claim(self.run.sweep, h, "sweep")
-        shards = self.run.shards
-        num_samples = count_samples(shards)
-        report = run_sweep(
-            self.cfg.train, self.cfg.sweep, shards, num_samples, self.run.sweep, val, log=self.log
-        )
-        winner = report["winner"]
-        export_winner(self.run.sweep, winner, self.run.model)
-        self.run.forget("eval")  # it scored the model the winner replaces
-        counts = {k: report[k] for k in ("trials", "stopped_early", "steps_total", "winner")}
-        metrics = {"step": winner["steps"], "zeroshot_top1": winner["final_top1"]}
-        self.run.mark_done(
-            "sweep", h, **counts, report=report["html"], metrics=metrics, model=str(self.run.model)
-        )
-        return winner
 
-    def _eval_paths(self) -> tuple[Path, Path | None]:
-        if self.eval_dataset is not None:
-            return Path(self.eval_dataset), None
-        if self.input_path is None:
-            return self.run.demo / "eval", self.run.demo / "retrieval.parquet"
-        raise ValueError("no eval dataset: pass --eval-dataset (an image folder, one per class)")
+def _model_from_sweep(run: RunDir) -> bool:
+    card = run.model / "run_card.json"
+    return card.exists() and json.loads(card.read_text()).get("stage") == "sweep"
 
-    def evaluate(self) -> dict[str, Any]:
-        from pipeline.evaluate import (
-            evaluate_retrieval,
-            evaluate_zero_shot,
-            format_markdown,
-            write_tensorboard,
-        )
 
-        dataset, retrieval = self._eval_paths()
-        upstream = (self.run.stage(self.model_stage) or {}).get("config_hash", "external")
-        h = _chain(config_hash(self.cfg.eval), str(dataset.resolve()), upstream)
-        if self._skip("eval", h):
-            return json.loads(self.run.eval_results_path.read_text())
-        if not (self.run.model / "open_clip_config.json").exists():
-            raise FileNotFoundError(
-                f"no exported model in {self.run.model}: run jobs/train.py first"
-            )
-        results = evaluate_zero_shot(self.run.model, dataset, self.cfg.eval)
-        if retrieval is not None and retrieval.exists():
-            results.update(evaluate_retrieval(self.run.model, retrieval, self.cfg.eval))
-        results["dataset"] = str(dataset)
-        write_json_atomic(self.run.eval_results_path, results)
-        # At the last training step, so runs compare on one axis in TensorBoard.
-        step = (self.run.stage(self.model_stage) or {}).get("metrics", {}).get("step", 0)
-        write_tensorboard(results, self.run.root / "eval" / "tensorboard", step=int(step))
-        self.log(format_markdown(results))
-        self.run.mark_done("eval", h, top1=results["top1"])
-        return results
+# -- the run card ---------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    import open_clip
+    import ray
+    import torch
 
-    # -- summary -----------------------------------------------------------------------------
-    def summary(self) -> dict[str, Any]:
-        run = self.run
-        stages = run.manifest()["stages"]
-        stats = json.loads(run.stats_path.read_text()) if run.stats_path.exists() else {}
-        results = (
-            json.loads(run.eval_results_path.read_text()) if run.eval_results_path.exists() else {}
-        )
-        train = stages.get("train", {}).get("metrics", {})
-        summary = {
-            "preset": self.cfg.preset,
-            "run_dir": str(run.root),
-            "stages_finished": sorted(stages),
-            "data": {
-                k: stats.get(k) for k in ("rows_in", "samples", "rejects", "images_per_second")
-            },
-            "train": {
-                k: train.get(k)
-                for k in (
-                    "step",
-                    "loss",
-                    "samples_per_second",
-                    "data_wait_fraction",
-                    "zeroshot_top1",
-                )
-            },
-            "eval": {
-                k: v for k, v in results.items() if isinstance(v, int | float) and k != "num_images"
-            },
-            "paths": {
-                "manifest": str(run.manifest_path),
-                "shards": str(run.shards),
-                "rejects": str(run.rejects),
-                "stats": str(run.stats_path),
-                "train": str(run.train),
-                "tensorboard": str(run.train / "tensorboard"),
-                "model": str(run.model),
-                "eval_results": str(run.eval_results_path),
-                "summary": str(run.summary_path),
-            },
+    return {"torch": torch.__version__, "open_clip": open_clip.__version__, "ray": ray.__version__}
+
+
+def write_run_card(
+    spec: RunSpec,
+    run: RunDir,
+    identity: dict[str, Any],
+    metrics: dict[str, Any],
+    global_batch_size: int,
+    winner: dict[str, Any] | None = None,
+) -> None:
+    """RUN/model/run_card.json: what the exported model is, for whoever loads it later."""
+    step = int(metrics.get("step", 0))
+    logit_scale = metrics.get("logit_scale")
+    card = {
+        "stage": "sweep" if winner else "train",
+        "spec": spec.to_dict(),
+        "shards_fingerprint": identity["inputs"]["shards"],
+        "val_dataset_fingerprint": identity["inputs"]["val_dataset"],
+        "final_step": step,
+        "samples_seen": step * int(global_batch_size),
+        "temperature": 1 / logit_scale if logit_scale else None,
+        "metrics": metrics,
+        "versions": _versions(),
+        "eval": None,
+    }
+    if winner is not None:
+        card["sweep_winner"] = {
+            k: winner.get(k) for k in ("trial_id", "hparams", "steps", "final_top1")
         }
-        if "sweep" in stages:
-            sweep = stages["sweep"]
-            summary["sweep"] = {
-                k: sweep.get(k) for k in ("trials", "stopped_early", "steps_total", "winner")
-            }
-            summary["paths"]["sweep_report"] = sweep.get("report")
-            if "train" not in stages:  # the model came from the sweep: point at its dashboards
-                del summary["paths"]["train"]
-                summary["paths"]["tensorboard"] = str(run.sweep)
-        write_json_atomic(run.summary_path, summary)
-        return summary
+        card["temperature"] = winner.get("final_temperature", card["temperature"])
+    write_json_atomic(run.model / "run_card.json", card)
+
+
+def _add_eval_to_run_card(run: RunDir, results: dict[str, Any]) -> None:
+    path = run.model / "run_card.json"
+    if not path.exists():
+        return
+    card = json.loads(path.read_text())
+    card["eval"] = {k: v for k, v in results.items() if isinstance(v, int | float | str | dict)}
+    write_json_atomic(path, card)
+
+
+# -- summary --------------------------------------------------------------------------------
+def summary(spec: RunSpec, run: RunDir) -> dict[str, Any]:
+    stages = run.manifest()["stages"]
+    stats = json.loads(run.stats_path.read_text()) if run.stats_path.exists() else {}
+    results = (
+        json.loads(run.eval_results_path.read_text()) if run.eval_results_path.exists() else {}
+    )
+    train = stages.get("train", {}).get("metrics", {})
+    summary = {
+        "preset": spec.config.preset,
+        "run_dir": str(run.root),
+        "stages_finished": sorted(stages),
+        "data": {k: stats.get(k) for k in ("rows_in", "samples", "rejects", "images_per_second")},
+        "train": {
+            k: train.get(k)
+            for k in (
+                "step",
+                "loss",
+                "samples_per_second",
+                "data_wait_fraction",
+                "zeroshot_top1",
+            )
+        },
+        "eval": {
+            k: v for k, v in results.items() if isinstance(v, int | float) and k != "num_images"
+        },
+        "paths": {
+            "manifest": str(run.manifest_path),
+            "shards": str(run.shards),
+            "rejects": str(run.rejects),
+            "stats": str(run.stats_path),
+            "train": str(run.train),
+            "tensorboard": str(run.train / "tensorboard"),
+            "model": str(run.model),
+            "eval_results": str(run.eval_results_path),
+            "summary": str(run.summary_path),
+        },
+    }
+    if "sweep" in stages:
+        sweep = stages["sweep"]
+        summary["sweep"] = {
+            k: sweep.get(k) for k in ("trials", "stopped_early", "steps_total", "winner")
+        }
+        summary["paths"]["sweep_report"] = sweep.get("report")
+        if "train" not in stages:  # the model came from the sweep: point at its dashboards
+            del summary["paths"]["train"]
+            summary["paths"]["tensorboard"] = str(run.sweep)
+    write_json_atomic(run.summary_path, summary)
+    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -390,4 +515,107 @@ def format_summary(summary: dict[str, Any]) -> str:
         for name, path in p.items()
     )
     lines.append(f"TensorBoard: tensorboard --logdir {p['tensorboard']} --host 127.0.0.1")
+    return "\n".join(lines)
+
+
+# -- dry run --------------------------------------------------------------------------------
+def plan(spec: RunSpec, run: RunDir) -> list[dict[str, Any]]:
+    """What the job would do, stage by stage (run, skip or refuse, and why), without Ray."""
+    rows: list[dict[str, Any]] = []
+    upstream_runs: str | None = None  # the first stage of this job that will run
+    for name in spec.stages:
+        row: dict[str, Any] = {"stage": name}
+        try:
+            row.update(_plan_stage(spec, run, name, upstream_runs))
+        except (StageConfigMismatch, ValueError, FileNotFoundError) as err:
+            row.update(action="refused", why=str(err))
+        if row["action"] == "run" and upstream_runs is None:
+            upstream_runs = name
+        rows.append(row)
+    return rows
+
+
+def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> dict[str, Any]:
+    cfg = spec.config
+    if name == "prepare":
+        d = decide(run, "prepare", prepare_identity(spec), spec.options.force)
+        if not d.run and spec.options.retry_failed:
+            d = Decision(True, "--retry-failed: fetch the transient failures again")
+        p = cfg.prepare.download
+        return {
+            "action": "run" if d.run else "skip",
+            "why": d.why,
+            "resources": f"{p.concurrency} download actors x 1 CPU, {p.thread_count} threads each",
+        }
+    if name in ("train", "sweep"):
+        from pipeline.tune.sweep import trial_resources
+
+        t = cfg.train
+        if name == "train":
+            per = f"{t.cpus_per_worker:g} CPU" + (" + 1 GPU" if t.use_gpu else "")
+            out = {
+                "steps": _train_steps(spec, run),
+                "resources": f"{t.num_workers} workers x ({per}), data tasks "
+                f"{t.data_cpus_per_task:g} CPU each",
+            }
+        else:
+            need = trial_resources(cfg.sweep, t)
+            out = {
+                "steps": f"{_trials(spec)} trials, at most {cfg.sweep.max_steps} steps each",
+                "resources": f"{need['CPU']:g} CPU + {need['GPU']:g} GPU per running trial",
+            }
+        if shards_fingerprint(run.shards) is None:
+            return {
+                "action": "run",
+                "why": f"after {upstream or 'prepare'} writes the shards",
+                **out,
+            }
+        ident = train_identity(spec, run) if name == "train" else sweep_identity(spec, run)
+        d = decide(run, name, ident, spec.options.force)
+        why = d.why
+        if not d.run and upstream:
+            why = f"{d.why}, unless {upstream} changes its inputs"
+        return {"action": "run" if d.run else "skip", "why": why, **out}
+    if name == "evaluate":
+        e = cfg.eval
+        out = {"resources": f"{e.concurrency} embedding actors, batch {e.batch_size}"}
+        if model_fingerprint(run.model) is None:
+            source = "sweep" if "sweep" in spec.stages else "train"
+            return {"action": "run", "why": f"after {source} exports RUN/model", **out}
+        d = decide(run, "eval", eval_identity(spec, run), spec.options.force)
+        why = d.why if d.run or not upstream else f"{d.why}, unless {upstream} changes the model"
+        return {"action": "run" if d.run else "skip", "why": why, **out}
+    raise ValueError(f"unknown stage {name!r}")
+
+
+def _train_steps(spec: RunSpec, run: RunDir) -> str:
+    t = spec.config.train
+    if shards_fingerprint(run.shards) is not None:
+        from pipeline.train.ingest import list_chunks
+        from pipeline.train.loop import training_schedule
+
+        chunks = list_chunks(run.shards, t.num_workers)
+        steps = sum(training_schedule(t, chunks, t.num_workers))
+        return f"{steps} steps of {t.global_batch_size} samples"
+    if t.max_steps:
+        return f"{t.max_steps} steps of {t.global_batch_size} samples"
+    return f"{t.epochs} epochs of the shards (steps known once they exist)"
+
+
+def _trials(spec: RunSpec) -> int:
+    s = spec.config.sweep
+    if s.search != "grid":
+        return s.num_samples
+    n = len(s.temperatures) * len(s.learn_temperature) * len(s.batch_sizes) * len(s.seeds)
+    return n * (len(s.lrs) if s.lr_rule == "swept" else 1) * s.num_samples
+
+
+def format_plan(spec: RunSpec, rows: list[dict[str, Any]]) -> str:
+    lines = ["== Resolved spec ==", json.dumps(spec.to_dict(), indent=2, default=str), ""]
+    lines.append(f"== Plan for {spec.run_dir} (dry run: nothing started, nothing written) ==")
+    for row in rows:
+        lines.append(f"{row['stage']:<9} {row['action'].upper():<8} {row['why']}")
+        for key in ("steps", "resources"):
+            if row.get(key):
+                lines.append(f"{'':<18} {key}: {row[key]}")
     return "\n".join(lines)

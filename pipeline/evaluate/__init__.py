@@ -202,3 +202,21 @@ def evaluate_retrieval(
         retrieval_skipped_images=int((~ok).sum()),
     )
     return results
+
+
+def clip_benchmark_keys(
+    results: dict[str, Any], model: str, pretrained: str | None = None
+) -> dict[str, Any]:
+    """CLIP_benchmark's result shape beside ours, so tools that read its JSON read ours (its
+    retrieval keys, image_retrieval_recall@k, are ours already)."""
+    return {
+        "model": model,
+        "pretrained": pretrained,
+        "task": "zeroshot_classification",
+        "language": "en",
+        "metrics": {
+            "acc1": results.get("top1"),
+            "acc5": results.get("top5"),
+            "mean_per_class_recall": results.get("mean_per_class_recall"),
+        },
+    }

@@ -83,9 +83,7 @@ def check_sweep(sweep: SweepConfig, train: TrainConfig, num_samples: int | None 
     for name in ("batch_sizes", "learn_temperature", "seeds"):
         if not getattr(sweep, name):
             fail(f"{name} is empty")
-    if sweep.workers_per_trial < 0 or sweep.cpus_per_worker < 0:
-        fail("workers_per_trial and cpus_per_worker must not be negative (0: the training's)")
-    workers = sweep.workers_per_trial or train.num_workers
+    workers = train.num_workers
     for batch in sweep.batch_sizes:
         if batch <= 0 or batch % workers:
             fail(f"global batch {batch} does not split over {workers} workers per trial")
@@ -95,8 +93,8 @@ def check_sweep(sweep: SweepConfig, train: TrainConfig, num_samples: int | None 
         fail("num_samples must be at least 1")
     if sweep.max_steps < 1:
         fail("max_steps must be at least 1")
-    if sweep.zeroshot_every_steps < 1:
-        fail("trials are ranked by zero-shot top-1: zeroshot_every_steps must be at least 1")
+    if train.zeroshot_every_steps < 1:
+        fail("trials are ranked by zero-shot top-1: train.zeroshot_every_steps must be >= 1")
     if sweep.scheduler == "asha":
         if not 0 < sweep.grace_period < sweep.max_steps:
             fail(f"ASHA's grace period {sweep.grace_period} must be in 1..max_steps-1")
@@ -161,7 +159,10 @@ def trial_hparams(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_train_config(train: TrainConfig, sweep: SweepConfig, params: dict[str, Any]):
-    """The TrainConfig of one trial: the base config with the trial's knobs and budget."""
+    """The TrainConfig of one trial: the run's train section with the trial's axes and budget.
+
+    Only the fields the sweep owns (spec.SWEPT) change; every other one is the run's.
+    """
     hp = trial_hparams(sweep, params)
     return dataclasses.replace(
         train,
@@ -170,24 +171,16 @@ def trial_train_config(train: TrainConfig, sweep: SweepConfig, params: dict[str,
         global_batch_size=hp["batch_size"],
         lr=hp["lr"],
         seed=hp["seed"],
-        num_workers=sweep.workers_per_trial or train.num_workers,
-        cpus_per_worker=sweep.cpus_per_worker or train.cpus_per_worker,
         max_steps=sweep.max_steps,
-        warmup_steps=min(sweep.warmup_steps, sweep.max_steps),
-        zeroshot_every_steps=sweep.zeroshot_every_steps,
-        zeroshot_images_per_class=sweep.zeroshot_images_per_class,
-        # A checkpoint at every probe: the winner's last one is exported, a resumed trial
-        # restarts from its last one, and ASHA's rungs see a fresh measurement each time.
-        checkpoint_every_steps=sweep.zeroshot_every_steps,
+        warmup_steps=min(train.warmup_steps, sweep.max_steps),
     )
 
 
 # -- resources --------------------------------------------------------------------------------
 def trial_resources(sweep: SweepConfig, train: TrainConfig) -> dict[str, float]:
     """What one running trial holds: its Tune function, its workers, its data tasks."""
-    workers = sweep.workers_per_trial or train.num_workers
-    cpus_per_worker = sweep.cpus_per_worker or train.cpus_per_worker
-    cpu = sweep.driver_cpus_per_trial + workers * cpus_per_worker + sweep.data_cpus_per_trial
+    workers = train.num_workers
+    cpu = sweep.driver_cpus_per_trial + workers * train.cpus_per_worker + sweep.data_cpus_per_trial
     return {"CPU": cpu, "GPU": float(workers if train.use_gpu else 0)}
 
 
@@ -207,7 +200,7 @@ def concurrent_trials(sweep: SweepConfig, train: TrainConfig, cluster: dict[str,
         raise ValueError(
             f"sweep: one trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs, the cluster "
             f"has {cluster.get('CPU', 0):g} and {cluster.get('GPU', 0):g}; lower "
-            "workers_per_trial or cpus_per_worker"
+            "train.num_workers or train.cpus_per_worker"
         )
     return fits
 
@@ -231,6 +224,10 @@ def run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     # Train's storage lives in the trial's folder of RUN/sweep (not Tune's local staging
     # folder), so a resumed sweep restarts the trial from its last checkpoint.
     trial_dir = Path(context["sweep_dir"]) / Path(tune.get_context().get_trial_dir()).name
+    # The trial's own resolved training config, beside its history.
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    config = {"params": params, "train": dataclasses.asdict(cfg)}
+    (trial_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     trainer = build_trainer(
         cfg,
         Path(context["shards"]),
