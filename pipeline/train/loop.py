@@ -11,6 +11,7 @@ nor skips an epoch's rows.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import tempfile
@@ -104,6 +105,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # open_clip gathers with torch.distributed.nn.all_gather, which torch now warns about on
     # every call: one line per step per worker would bury the training log.
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+    # Ray's per-report "Reporting training result ...: TrainingReport(...)" and Ray Data's
+    # notices are INFO lines of this process: shown only at --log-level info or debug.
+    for name in ("ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(config.get("log_level", "warning").upper())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(torch_threads(cfg.cpus_per_worker))
@@ -223,6 +228,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for name, value in metrics.items():
                     writer.add_scalar(f"train/{name}", value, step)
                 writer.flush()
+            if rank == 0:
+                remaining = (total_steps - step) * totals["seconds"] / max(step - 1, 1)
+                print(progress_line(step, total_steps, metrics, remaining), flush=True)
             window = {"samples": 0, "seconds": 0.0, "wait": 0.0}
         report_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps
         zeroshot_due = cfg.zeroshot_every_steps and step % cfg.zeroshot_every_steps == 0
@@ -245,6 +253,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report(metrics, state)
     if writer:
         writer.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float], eta_seconds: float) -> str:
+    """The console's line for a training step (rank 0, every log_every_steps)."""
+    line = (
+        f"[train] step {step}/{total} epoch {int(metrics['epoch'])} "
+        f"loss {metrics['loss']:.3f} temp {1 / metrics['logit_scale']:.4f} "
+        f"lr {metrics['lr']:.2e} {metrics['samples_per_second']:.0f} samples/s "
+        f"data wait {100 * metrics['data_wait_fraction']:.0f}% ETA {_duration(eta_seconds)}"
+    )
+    if metrics.get("zeroshot_top1") is not None:
+        line += f" val top1 {100 * metrics['zeroshot_top1']:.1f}%"
+    return line
 
 
 def _metrics(epoch, loss_value, model, lr, grad_norm, timing) -> dict[str, float]:
@@ -334,6 +362,8 @@ def build_trainer(
         "shards": str(Path(shards).resolve()),
         "tensorboard_dir": str(storage / name / "tensorboard"),
         "zeroshot_dataset": str(Path(zeroshot_dataset).resolve()) if zeroshot_dataset else None,
+        # The job's --log-level (jobs/common.set_log_level), for Ray's loggers on the workers.
+        "log_level": os.environ.get("RAY_LOGGER_LEVEL", "warning"),
     }
     return TorchTrainer(
         train_loop_per_worker,

@@ -90,38 +90,34 @@ def test_unknown_model_is_refused(tmp_path):
     assert "unknown model 'ViT-Z-99'" in result.stderr
 
 
-def test_model_flag_sets_tokenizer_and_trainer_alike(tmp_path):
-    import argparse
-
+def _spec(job_args: list[str], sections=("train", "prepare", "eval", "sweep", "demo"), **kw):
     sys.path.insert(0, str(REPO / "jobs"))
-    from common import build_config
+    from common import job_parser, spec_from_args
 
+    parser = job_parser("test", sections, inputs=("url_list", "val_dataset", "eval_dataset"))
+    return spec_from_args(parser, parser.parse_args(job_args), ("prepare", "train"), **kw)
+
+
+def test_model_flag_sets_tokenizer_and_trainer_alike():
     config = REPO / "pipeline" / "models" / "clip-demo-vit-tiny.json"
-    args = argparse.Namespace(preset="tiny", model=str(config), input=None, allowed_networks="")
-    cfg = build_config(args)
+    cfg = _spec(["--preset", "tiny", "--model", str(config)]).config
     assert cfg.train.model == cfg.prepare.tokenize.model == str(config.resolve())
 
 
 def test_training_flags_override_only_what_they_name():
-    sys.path.insert(0, str(REPO / "jobs"))
-    from common import add_train_args, base_parser, build_config
-
     from pipeline.config import get_preset
 
-    parser = base_parser("train")
-    add_train_args(parser)
-    args = parser.parse_args(
+    train = _spec(
         ["--preset", "tiny", "--loss", "siglip", "--init-temperature", "0.1"]
         + ["--fixed-temperature", "--accum-freq", "2", "--max-steps", "7", "--lr", "1e-3"]
-    )
-    train = build_config(args).train
+    ).config.train
     preset = get_preset("tiny").train
     assert (train.loss, train.init_temperature, train.learn_temperature) == ("siglip", 0.1, False)
     assert (train.accum_freq, train.max_steps, train.lr) == (2, 7, 1e-3)
     # Everything not named keeps the preset's value.
     assert train.global_batch_size == preset.global_batch_size
     assert train.grad_checkpointing is preset.grad_checkpointing is False
-    assert build_config(parser.parse_args(["--preset", "tiny"])).train == preset
+    assert _spec(["--preset", "tiny"]).config.train == preset
 
 
 @pytest.mark.parametrize(
