@@ -24,7 +24,12 @@ from pipeline.rundir import RunDir, StageConfigMismatch, write_json_atomic
 from pipeline.spec import RunSpec, diff, digest
 
 ORDER = ("prepare", "train", "sweep", "evaluate")
-IDENTITY_FILE = ".identity.json"  # in a resumable stage's folder: whose run it holds
+IDENTITY_FILE = ".identity.json"
+# The stage that writes each input a later stage consumes, named when that input changed.
+UPSTREAM = {
+    "shards": "prepare",
+    "model": "train or sweep",
+}  # in a resumable stage's folder: whose run it holds
 
 
 def count_samples(shards: Path) -> int:
@@ -100,7 +105,13 @@ def decide(run: RunDir, name: str, identity: dict[str, Any], force: bool) -> Dec
             + "; ".join(changed)
             + ". Rerun with --force to redo it, or choose another --run-dir"
         )
-    inputs = diff(old["inputs"], identity["inputs"])
+    inputs = [
+        f"inputs.{line}".replace(":", f" (from {UPSTREAM[key]}):", 1)
+        if key in UPSTREAM
+        else f"inputs.{line}"
+        for line in diff(old["inputs"], identity["inputs"])
+        for key in [line.split(":", 1)[0]]
+    ]
     if inputs:
         return Decision(True, "its input changed since it ran: " + "; ".join(inputs), fresh=True)
     return Decision(False, f"already finished in {run.root} (use --force to redo)")

@@ -374,21 +374,12 @@ def build_spec(
                 raise SpecError(
                     f"{where} sets {path}, which the sweep sets for every trial: use {SWEPT[path]}"
                 )
-    if inputs.url_list is None and "prepare" in stages:
-        # The demo corpus is served on loopback: its address is allowed, and only it.
-        networks = cfg.prepare.download.allowed_networks
-        cfg = replace_path(
-            cfg,
-            "prepare.download.allowed_networks",
-            tuple(dict.fromkeys((*networks, DEMO_NETWORK))),
-        )
+    cfg = _demo_network(cfg, inputs, stages)
     if options.sweep:
         stages = tuple("sweep" if s == "train" else s for s in stages)
     inputs = dataclasses.replace(
         inputs,
-        url_list=inputs.url_list
-        if inputs.url_list is None or "://" in inputs.url_list
-        else _absolute(inputs.url_list),
+        url_list=_absolute(inputs.url_list),
         eval_dataset=_absolute(inputs.eval_dataset),
         val_dataset=_absolute(inputs.val_dataset),
     )
@@ -400,6 +391,44 @@ def build_spec(
         options=options,
         set_by=tuple(sorted(set_by.items())),
     )
+
+
+def _demo_network(cfg: PipelineConfig, inputs: Inputs, stages: tuple[str, ...]) -> PipelineConfig:
+    if inputs.url_list is None and "prepare" in stages:
+        # The demo corpus is served on loopback: its address is allowed, and only it.
+        networks = cfg.prepare.download.allowed_networks
+        cfg = replace_path(
+            cfg,
+            "prepare.download.allowed_networks",
+            tuple(dict.fromkeys((*networks, DEMO_NETWORK))),
+        )
+    return cfg
+
+
+def spec_of(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    stages: tuple[str, ...],
+    *,
+    url_list: str | None = None,
+    eval_dataset: str | None = None,
+    val_dataset: str | None = None,
+    **options: Any,
+) -> RunSpec:
+    """A validated spec from a config built in code (library use, tests): no file, no flags."""
+    inputs = Inputs(
+        url_list=_absolute(url_list),
+        eval_dataset=_absolute(eval_dataset),
+        val_dataset=_absolute(val_dataset),
+    )
+    spec = RunSpec(
+        config=_demo_network(cfg, inputs, stages),
+        inputs=inputs,
+        run_dir=str(Path(run_dir).expanduser().resolve()),
+        stages=stages,
+        options=Options(**options),
+    )
+    return validate(spec)
 
 
 # -- identities and fingerprints ------------------------------------------------------------------
@@ -464,6 +493,26 @@ def validate(spec: RunSpec) -> RunSpec:
                 raise FileNotFoundError(f"--decontaminate: {str(folder)!r} is not a folder")
             if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.rglob("*")):
                 raise ValueError(f"--decontaminate: no images under {str(folder)!r}")
+    if "train" in stages or "sweep" in stages:
+        from pipeline.train.loop import check_config
+
+        check_config(cfg.train)
+    if "sweep" in stages:
+        from pipeline.tune.sweep import check_sweep
+
+        if inputs.val_dataset is None and inputs.url_list is not None:
+            raise SpecError("a sweep ranks trials on a held-out image folder: pass --val-dataset")
+        check_sweep(cfg.sweep, cfg.train)
+        if "prepare" not in stages:
+            from pipeline.pretrain import count_samples
+
+            shards = Path(spec.run_dir) / "data" / "shards"
+            check_sweep(cfg.sweep, cfg.train, count_samples(shards))
+            if inputs.val_dataset is None and not (Path(spec.run_dir) / "demo" / "val").is_dir():
+                raise FileNotFoundError(
+                    f"no validation folder in {Path(spec.run_dir) / 'demo' / 'val'}: "
+                    "pass --val-dataset"
+                )
     from pipeline.evaluate import load_image_folder
 
     if "evaluate" in stages:
@@ -476,24 +525,4 @@ def validate(spec: RunSpec) -> RunSpec:
             load_image_folder(inputs.val_dataset)
         except (ValueError, FileNotFoundError) as err:
             raise type(err)(f"--val-dataset: {err}") from None
-    if "train" in stages or "sweep" in stages:
-        from pipeline.train.loop import check_config
-
-        check_config(cfg.train)
-    if "sweep" in stages:
-        from pipeline.tune.sweep import check_sweep
-
-        check_sweep(cfg.sweep, cfg.train)
-        if inputs.val_dataset is None and inputs.url_list is not None:
-            raise SpecError("a sweep ranks trials on a held-out image folder: pass --val-dataset")
-        if "prepare" not in stages:
-            from pipeline.pretrain import count_samples
-
-            shards = Path(spec.run_dir) / "data" / "shards"
-            check_sweep(cfg.sweep, cfg.train, count_samples(shards))
-            if inputs.val_dataset is None and not (Path(spec.run_dir) / "demo" / "val").is_dir():
-                raise FileNotFoundError(
-                    f"no validation folder in {Path(spec.run_dir) / 'demo' / 'val'}: "
-                    "pass --val-dataset"
-                )
     return spec

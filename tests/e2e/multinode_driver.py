@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from pipeline import pretrain  # noqa: E402
 from pipeline.config import get_preset  # noqa: E402
-from pipeline.pretrain import Pipeline  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.spec import spec_of  # noqa: E402
 
 
 def _state(job_id: str, dashboard: str) -> dict:
@@ -71,9 +72,10 @@ def main() -> None:
     import ray
 
     ray.init(address=args.address, configure_logging=False, log_to_driver=False)
-    pipeline = Pipeline(cfg=cfg, run=RunDir.at(args.run_dir))
-    prepared = pipeline.prepare()
-    trained = pipeline.train()
+    run = RunDir.at(args.run_dir)
+    spec = spec_of(cfg, run.root, ("prepare", "train"))
+    prepared = pretrain.prepare(spec, run)
+    trained = pretrain.train(spec, run)
     job_id = ray.get_runtime_context().get_job_id()
     report = {
         "prepare": prepared,

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import schema
+from pipeline import pretrain, schema
 from pipeline.config import DemoConfig, DownloadConfig, PipelineConfig, PrepareConfig
 from pipeline.data.prepare import read_url_list, run_prepare
 from pipeline.demo import build_demo_corpus, serve_demo, write_url_list
 from pipeline.demo import server as demo_server
-from pipeline.pretrain import Pipeline
 from pipeline.rundir import RunDir, StageConfigMismatch
+from pipeline.spec import spec_of
 from pipeline.train.modeling import resolve_model_name
 
 pytestmark = pytest.mark.integration
@@ -253,7 +254,8 @@ def refused(ray_local, served, tmp_path_factory):
     requests.reset()
     cfg = dataclasses.replace(PipelineConfig(), prepare=prepare_config(allowed_networks=()))
     run = RunDir.at(tmp_path_factory.mktemp("refused"))
-    stats = Pipeline(cfg, run, input_path=str(urls_path), log=lambda *_: None).prepare()
+    spec = spec_of(cfg, run.root, ("prepare",), url_list=str(urls_path))
+    stats = pretrain.prepare(spec, run, log=lambda *_: None)
     return {"cfg": cfg, "run": run, "stats": stats, "requests": list(requests.paths)}
 
 
@@ -285,19 +287,20 @@ def test_pipeline_prepare_skips_when_done_and_refuses_another_config(served, ref
     mtimes = {f: f.stat().st_mtime_ns for f in outputs}
     log: list[str] = []
 
-    def pipeline(config: PipelineConfig) -> Pipeline:
-        return Pipeline(config, run, input_path=str(urls_path), log=log.append)
+    def prepare(config: PipelineConfig, url_list=urls_path):
+        spec = spec_of(config, run.root, ("prepare",), url_list=str(url_list))
+        return pretrain.prepare(spec, run, log=log.append)
 
     # Rerun: nothing is prepared again, the stats come back from disk.
     def must_not_run(*args, **kwargs):
         raise AssertionError("prepare ran again")
 
     monkeypatch.setattr("pipeline.data.prepare.run_prepare", must_not_run)
-    assert pipeline(cfg).prepare() == stats
+    assert prepare(cfg) == stats
     assert any("[prepare] already finished" in line for line in log)
     # Another stage's config is not part of prepare's fingerprint.
     other_train = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=99))
-    assert pipeline(other_train).prepare() == stats
+    assert prepare(other_train) == stats
 
     # Another prepare config (here: a nested field) is refused, and nothing written is touched.
     changed = dataclasses.replace(
@@ -306,13 +309,25 @@ def test_pipeline_prepare_skips_when_done_and_refuses_another_config(served, ref
             cfg.prepare, filters=dataclasses.replace(cfg.prepare.filters, min_caption_words=3)
         ),
     )
-    with pytest.raises(StageConfigMismatch, match="'prepare'"):
-        pipeline(changed).prepare()
-    # So is the same config on another URL list.
+    with pytest.raises(StageConfigMismatch, match="'prepare'") as refused_change:
+        prepare(changed)
+    # The refusal names the field that changed, with its old and new value.
+    assert "filters.min_caption_words: 2 -> 3" in str(refused_change.value)
+    # The same content under another name is the same input: skipped again.
     other_list = Path(urls_path).with_name("copy.parquet")
     other_list.write_bytes(Path(urls_path).read_bytes())
-    with pytest.raises(StageConfigMismatch, match="'prepare'"):
-        Pipeline(cfg, run, input_path=str(other_list), log=log.append).prepare()
+    assert prepare(cfg, other_list) == stats
+    # Another list's content is another input: prepare would run again, afresh, saying why.
+    edited = Path(urls_path).with_name("edited.parquet")
+    frame = pd.read_parquet(urls_path)
+    frame.iloc[:-1].to_parquet(edited)
+    decision = pretrain.decide(
+        run,
+        "prepare",
+        pretrain.prepare_identity(spec_of(cfg, run.root, ("prepare",), url_list=str(edited))),
+        False,
+    )
+    assert decision.run and decision.fresh and "url_list" in decision.why
     assert {f: f.stat().st_mtime_ns for f in sorted(run.rejects.glob("*.parquet"))} == mtimes
     assert run.stage("prepare") == entry
     assert json.loads(run.stats_path.read_text()) == stats

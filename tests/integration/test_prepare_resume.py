@@ -25,10 +25,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline import pretrain
 from pipeline.config import get_preset
 from pipeline.data.prepare import read_url_list, run_prepare
-from pipeline.pretrain import Pipeline
 from pipeline.rundir import RunDir
+from pipeline.spec import spec_of
 
 pytestmark = pytest.mark.integration
 
@@ -217,15 +218,16 @@ def test_retry_failed_refetches_only_transient_failures(ray_local, server, tmp_p
     cfg = dataclasses.replace(cfg, prepare=prepare)
     run = RunDir.at(tmp_path / "run")
 
-    def pipeline(**kwargs) -> Pipeline:
-        return Pipeline(cfg, run, input_path=str(url_list), log=lambda *_: None, **kwargs)
+    def prepare(**options):
+        spec = spec_of(cfg, run.root, ("prepare",), url_list=str(url_list), **options)
+        return pretrain.prepare(spec, run, log=lambda *_: None)
 
     server.hits.clear()
-    first = pipeline().prepare()
+    first = prepare()
     assert first["stages"]["download"]["drops"] == {"http_503": 6, "http_404": 2}
-    assert pipeline().prepare() == first  # finished: a plain rerun does nothing
+    assert prepare() == first  # finished: a plain rerun does nothing
 
-    second = pipeline(retry_failed=True).prepare()
+    second = prepare(retry_failed=True)
     assert second["samples"] == 18 and second["rejects"] == 2
     assert second["stages"]["download"]["drops"] == {"http_404": 2}
     assert run.stage("prepare")["samples"] == 18
@@ -239,6 +241,6 @@ def test_retry_failed_refetches_only_transient_failures(ray_local, server, tmp_p
 
     # Nothing transient is left: another retry fetches nothing and changes nothing.
     server.hits.clear()
-    assert pipeline(retry_failed=True).prepare()["samples"] == 18
+    assert prepare(retry_failed=True)["samples"] == 18
     assert server.hits == Counter()
     assert outcome(run.root) == got

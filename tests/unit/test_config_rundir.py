@@ -228,19 +228,19 @@ def test_write_json_atomic_leaves_no_temp_files(tmp_path):
 
 
 def test_an_unfinished_stage_folder_is_resumed_only_under_its_own_configuration(tmp_path):
-    from pipeline.config import PipelineConfig
-    from pipeline.pretrain import Pipeline
+    from pipeline.pretrain import claim
 
     run = RunDir.at(tmp_path / "run")
-    pipeline = Pipeline(cfg=PipelineConfig(), run=run, log=lambda *_: None)
-    pipeline._claim(run.train, "aaaa", "training run")
+    a = {"config": {"lr": 0.002}, "inputs": {"shards": "aaaa"}}
+    b = {"config": {"lr": 0.001}, "inputs": {"shards": "aaaa"}}
+    claim(run.train, a, fresh=False, what="training run")
     (run.train / "checkpoint").write_text("step 200")
-    pipeline._claim(run.train, "aaaa", "training run")  # same config: resumed, kept
+    claim(run.train, a, fresh=False, what="training run")  # same identity: resumed, kept
     assert (run.train / "checkpoint").read_text() == "step 200"
-    with pytest.raises(StageConfigMismatch, match="unfinished training run with another"):
-        pipeline._claim(run.train, "bbbb", "training run")
+    with pytest.raises(StageConfigMismatch, match="unfinished training run of another") as err:
+        claim(run.train, b, fresh=False, what="training run")
+    assert "config.lr: 0.002 -> 0.001" in str(err.value)  # names what differs
     assert (run.train / "checkpoint").exists()  # refused: nothing written is lost
-    forced = Pipeline(cfg=PipelineConfig(), run=run, force=True, log=lambda *_: None)
-    forced._claim(run.train, "bbbb", "training run")
+    claim(run.train, b, fresh=True, what="training run")  # --force
     assert not (run.train / "checkpoint").exists()
-    assert (run.train / ".config_hash").read_text() == "bbbb"
+    assert json.loads((run.train / ".identity.json").read_text()) == b

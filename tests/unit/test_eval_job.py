@@ -291,8 +291,14 @@ def test_run_dir_mode_takes_eval_flags(tmp_path):
         ["--run-dir", str(tmp_path / "r"), "--classnames", "imagenet", "--batch-size", "32"]
     )
     assert not any(getattr(args, k) is not None for k in job.STANDALONE)  # run-dir mode
-    cfg = job.eval_overrides(job.build_pipeline(args).cfg.eval, args)
+    spec = job.run_dir_spec(args)
+    cfg = spec.config.eval
     assert (cfg.classnames, cfg.templates, cfg.batch_size) == ("imagenet", None, 32)
+    assert spec.stages == ("evaluate",)
+    assert dict(spec.set_by) == {
+        "eval.classnames": "--classnames",
+        "eval.batch_size": "--batch-size",
+    }
 
 
 def test_markdown_lists_confusions():

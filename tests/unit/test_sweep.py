@@ -76,27 +76,24 @@ def test_random_search_draws_from_the_lists_and_the_log_range():
     assert {space["global_batch_size"].sample() for _ in range(50)} == {32, 64}
 
 
-def test_trial_train_config_applies_the_knobs_and_the_budget():
-    cfg = sweep(
-        lr_rule="linear", base_lr=1e-3, base_batch_size=128, max_steps=90,
-        zeroshot_every_steps=15, warmup_steps=10, workers_per_trial=1,
-    )  # fmt: skip
+def test_trial_train_config_applies_the_axes_and_the_budget_and_keeps_the_rest():
+    cfg = sweep(lr_rule="linear", base_lr=1e-3, base_batch_size=128, max_steps=90)
+    base = dataclasses.replace(TRAIN, zeroshot_every_steps=15, warmup_steps=10, num_workers=1)
     params = {
         "init_temperature": 0.2,
         "learn_temperature": False,
         "global_batch_size": 256,
         "seed": 3,
     }
-    train = trial_train_config(TRAIN, cfg, params)
+    train = trial_train_config(base, cfg, params)
     assert (train.init_temperature, train.learn_temperature) == (0.2, False)
     assert (train.global_batch_size, train.seed, train.num_workers) == (256, 3, 1)
-    assert train.cpus_per_worker == 1.0  # the sweep's; 0 keeps the training config's
-    kept = trial_train_config(TRAIN, dataclasses.replace(cfg, cpus_per_worker=0), params)
-    assert kept.cpus_per_worker == TRAIN.cpus_per_worker
     assert train.lr == pytest.approx(2e-3)
     assert (train.max_steps, train.warmup_steps) == (90, 10)
-    assert train.zeroshot_every_steps == train.checkpoint_every_steps == 15
-    assert train.model == TRAIN.model  # the rest is the base config
+    # Only the fields the sweep owns change: every other one is the run's train section.
+    owned = {"init_temperature", "learn_temperature", "global_batch_size", "seed", "lr"}
+    for name in {f.name for f in dataclasses.fields(TrainConfig)} - owned - {"max_steps"}:
+        assert getattr(train, name) == getattr(base, name), name
 
 
 @pytest.mark.parametrize(
@@ -108,14 +105,12 @@ def test_trial_train_config_applies_the_knobs_and_the_budget():
         ({"search": "random", "temperature_range": (0.5, 0.01)}, "0 < low < high"),
         ({"lr_rule": "swept"}, "needs a list of learning rates"),
         ({"lrs": (1e-3,)}, "use 'swept'"),
-        ({"batch_sizes": (63,), "workers_per_trial": 2}, "batch 63 does not split over 2 workers"),
+        ({"batch_sizes": (63,)}, "batch 63 does not split over 2 workers"),
         ({"batch_sizes": (4096,)}, "bigger than the 1000 training samples"),
         ({"temperatures": (0.005,)}, "at least 1/max_logit_scale"),
         ({"grace_period": 150, "max_steps": 150}, "grace period 150"),
         ({"reduction_factor": 1}, "reduction factor"),
-        ({"zeroshot_every_steps": 0}, "zeroshot_every_steps must be at least 1"),
         ({"seeds": ()}, "seeds is empty"),
-        ({"cpus_per_worker": -1.0}, "must not be negative"),
     ],
 )
 def test_bad_sweeps_are_refused_with_the_reason(changes, message):
@@ -123,9 +118,15 @@ def test_bad_sweeps_are_refused_with_the_reason(changes, message):
         check_sweep(sweep(**changes), TRAIN, num_samples=1000)
 
 
+def test_a_sweep_without_zero_shot_probes_is_refused():
+    never = dataclasses.replace(TRAIN, zeroshot_every_steps=0)
+    with pytest.raises(ValueError, match="zeroshot_every_steps must be >= 1"):
+        check_sweep(SweepConfig(), never, num_samples=1000)
+
+
 def test_the_presets_sweeps_are_valid():
     for name in ("tiny", "demo", "datacomp-small"):
-        cfg = get_preset(name)
+        cfg = get_preset(name, sweep=True)
         check_sweep(cfg.sweep, cfg.train)
 
 
@@ -158,13 +159,14 @@ def test_concurrency_fits_whole_trials_into_the_cluster():
     two_cores = {"CPU": 2.0}
     # 2 workers x 0.5 CPU (the training config's) + 0.5 for data + 0.05 for the Tune
     # function: one trial at a time.
-    big = sweep(workers_per_trial=2, cpus_per_worker=0, data_cpus_per_trial=0.5)
+    big = sweep(data_cpus_per_trial=0.5)
     assert concurrent_trials(big, TRAIN, two_cores) == 1
     # 1 worker x 0.5 + 0.25 + 0.05 = 0.8 CPU: two trials.
-    small = sweep(workers_per_trial=1, cpus_per_worker=0, data_cpus_per_trial=0.25)
-    assert concurrent_trials(small, TRAIN, two_cores) == 2
+    small = sweep(data_cpus_per_trial=0.25)
+    one_worker = dataclasses.replace(TRAIN, num_workers=1)
+    assert concurrent_trials(small, one_worker, two_cores) == 2
     # The demo's own: one worker on 1 CPU + 0.25 for data + 0.05: one trial at a time.
-    assert concurrent_trials(SweepConfig(), TRAIN, two_cores) == 1
+    assert concurrent_trials(SweepConfig(), get_preset("demo", sweep=True).train, two_cores) == 1
     # GPUs bound it: 8 GPUs, 2 per trial, plenty of CPUs.
     gpu_train = dataclasses.replace(TRAIN, use_gpu=True, cpus_per_worker=4)
     assert concurrent_trials(big, gpu_train, {"CPU": 96.0, "GPU": 8.0}) == 4
