@@ -196,6 +196,13 @@ def test_run_dir_mode_writes_results_and_tensorboard(
     job.run_dir_mode(job.parser().parse_args(args))
     results = json.loads((run / "eval" / "results.json").read_text())
     assert (results["num_images"], results["num_templates"]) == (2, 7)
+    # CLIP_benchmark's shape beside ours.
+    assert results["task"] == "zeroshot_classification" and results["model"] == str(run / "model")
+    assert results["metrics"] == {
+        "acc1": results["top1"],
+        "acc5": results["top5"],
+        "mean_per_class_recall": results["mean_per_class_recall"],
+    }
     assert "== Summary" in capsys.readouterr().out
     events = EventAccumulator(str(run / "eval" / "tensorboard"))
     events.Reload()

@@ -123,7 +123,7 @@ def test_training_flags_override_only_what_they_name():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--loss", "hinge"], "loss 'hinge'"),
+        (["--loss", "hinge"], "invalid choice: 'hinge'"),
         (["--global-batch-size", "100", "--num-workers", "3"], "does not split over 3 workers"),
         (["--val-dataset", "no/such/folder"], "--val-dataset"),
     ],
