@@ -10,7 +10,6 @@ value of the preset, or of ``--config FILE`` (YAML or JSON) when that sets it.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
@@ -242,12 +241,12 @@ def spec_from_args(
 
 
 def set_log_level(level: str) -> None:
-    """Ray's own loggers at `level`, here and (through RAY_LOGGER_LEVEL, read by the Ray
-    processes started from here and by the training workers) in its workers: at the default,
-    warning, its internal notices stay out of a healthy run's console."""
-    os.environ["RAY_LOGGER_LEVEL"] = level
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(level.upper())
+    """Ray's console logging at `level`, here and on the training workers: at the default,
+    warning, its internal notices stay out of a healthy run's console (they stay in Ray's
+    session logs)."""
+    from pipeline.console import set_ray_console_level
+
+    set_ray_console_level(level)
 
 
 def run_spec(spec: RunSpec, address: str | None, after: Any = None) -> RunSpec:

@@ -11,7 +11,6 @@ nor skips an epoch's rows.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import tempfile
@@ -23,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import console
 from pipeline.config import TrainConfig, from_dict
+from pipeline.console import set_ray_console_level
 from pipeline.train.contrastive import LOSSES, build_loss, contrastive_step
 from pipeline.train.ingest import list_chunks, rank_dataset, rank_items, steps_per_epoch
 from pipeline.train.modeling import create_model, export_local_dir, model_config, resolve_model_name
@@ -105,10 +106,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # open_clip gathers with torch.distributed.nn.all_gather, which torch now warns about on
     # every call: one line per step per worker would bury the training log.
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-    # Ray's per-report "Reporting training result ...: TrainingReport(...)" and Ray Data's
-    # notices are INFO lines of this process: shown only at --log-level info or debug.
-    for name in ("ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(config.get("log_level", "warning").upper())
+    # Ray Data's notices on this worker follow the job's --log-level (Ray Train's own follow
+    # the RunConfig's logging_config).
+    set_ray_console_level(config.get("log_level", console.DEFAULT))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(torch_threads(cfg.cpus_per_worker))
@@ -363,7 +363,7 @@ def build_trainer(
         "tensorboard_dir": str(storage / name / "tensorboard"),
         "zeroshot_dataset": str(Path(zeroshot_dataset).resolve()) if zeroshot_dataset else None,
         # The job's --log-level (jobs/common.set_log_level), for Ray's loggers on the workers.
-        "log_level": os.environ.get("RAY_LOGGER_LEVEL", "warning"),
+        "log_level": console.level(),
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -383,6 +383,8 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Its per-report "TrainingReport(...)" and worker-group notices are INFO lines.
+            logging_config=ray.train.LoggingConfig(log_level=console.level().upper()),
         ),
     )
 
