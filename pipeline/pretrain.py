@@ -77,6 +77,12 @@ def model_fingerprint(model_dir: Path) -> str | None:
     return h.hexdigest()[:16]
 
 
+def _listing(lines: list[str], most: int = 12) -> str:
+    """The differing fields, all of them unless a whole section moved (then the first few)."""
+    shown = "; ".join(lines[:most])
+    return shown + (f"; and {len(lines) - most} more" if len(lines) > most else "")
+
+
 # -- bookkeeping ----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Decision:
@@ -102,7 +108,7 @@ def decide(run: RunDir, name: str, identity: dict[str, Any], force: bool) -> Dec
     if changed:
         raise StageConfigMismatch(
             f"stage {name!r} in {run.root} was finished with another configuration: "
-            + "; ".join(changed)
+            + _listing(changed)
             + ". Rerun with --force to redo it, or choose another --run-dir"
         )
     inputs = [
@@ -113,7 +119,7 @@ def decide(run: RunDir, name: str, identity: dict[str, Any], force: bool) -> Dec
         for key in [line.split(":", 1)[0]]
     ]
     if inputs:
-        return Decision(True, "its input changed since it ran: " + "; ".join(inputs), fresh=True)
+        return Decision(True, "its input changed since it ran: " + _listing(inputs), fresh=True)
     return Decision(False, f"already finished in {run.root} (use --force to redo)")
 
 
@@ -150,7 +156,7 @@ def claim(folder: Path, identity: dict[str, Any], fresh: bool, what: str) -> Non
         if changed:
             raise StageConfigMismatch(
                 f"{folder} holds an unfinished {what} of another configuration ("
-                + "; ".join(changed)
+                + _listing(changed)
                 + "); rerun with --force to discard it, or choose another --run-dir"
             )
     write_json_atomic(marker, identity)
@@ -166,12 +172,12 @@ def _asdict(obj: Any) -> dict[str, Any]:
 
 
 def demo_identity(spec: RunSpec) -> dict[str, Any]:
-    return {"config": _asdict(spec.config.demo), "inputs": {}}
+    return {"config": {"demo": _asdict(spec.config.demo)}, "inputs": {}}
 
 
 def prepare_identity(spec: RunSpec) -> dict[str, Any]:
     return {
-        "config": _asdict(spec.config.prepare),
+        "config": {"prepare": _asdict(spec.config.prepare)},
         "inputs": {"url_list": spec.inputs.url_list_fingerprint},
     }
 
@@ -187,7 +193,7 @@ def val_path(spec: RunSpec, run: RunDir) -> Path | None:
 
 def train_identity(spec: RunSpec, run: RunDir) -> dict[str, Any]:
     return {
-        "config": _asdict(spec.config.train),
+        "config": {"train": _asdict(spec.config.train)},
         "inputs": {
             "shards": shards_fingerprint(run.shards),
             "val_dataset": folder_fingerprint(val_path(spec, run)),
@@ -197,7 +203,7 @@ def train_identity(spec: RunSpec, run: RunDir) -> dict[str, Any]:
 
 def sweep_identity(spec: RunSpec, run: RunDir) -> dict[str, Any]:
     ident = train_identity(spec, run)
-    ident["config"] = {"train": ident["config"], "sweep": _asdict(spec.config.sweep)}
+    ident["config"]["sweep"] = _asdict(spec.config.sweep)
     return ident
 
 
@@ -212,7 +218,7 @@ def eval_paths(spec: RunSpec, run: RunDir) -> tuple[Path, Path | None]:
 def eval_identity(spec: RunSpec, run: RunDir) -> dict[str, Any]:
     dataset, retrieval = eval_paths(spec, run)
     return {
-        "config": _asdict(spec.config.eval),
+        "config": {"eval": _asdict(spec.config.eval)},
         "inputs": {
             "eval_dataset": folder_fingerprint(dataset),
             "retrieval": folder_fingerprint(retrieval),

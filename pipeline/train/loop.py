@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -230,7 +231,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 writer.flush()
             if rank == 0:
                 remaining = (total_steps - step) * totals["seconds"] / max(step - 1, 1)
-                print(progress_line(step, total_steps, metrics, remaining), flush=True)
+                # Straight to stdout: Ray Train's patched print would also log it, twice.
+                sys.stdout.write(progress_line(step, total_steps, metrics, remaining) + "\n")
+                sys.stdout.flush()
             window = {"samples": 0, "seconds": 0.0, "wait": 0.0}
         report_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps
         zeroshot_due = cfg.zeroshot_every_steps and step % cfg.zeroshot_every_steps == 0
