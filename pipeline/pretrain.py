@@ -460,6 +460,7 @@ def summary(spec: RunSpec, run: RunDir) -> dict[str, Any]:
             k: v for k, v in results.items() if isinstance(v, int | float) and k != "num_images"
         },
         "paths": {
+            "config": str(run.root / "config.json"),
             "manifest": str(run.manifest_path),
             "shards": str(run.shards),
             "rejects": str(run.rejects),

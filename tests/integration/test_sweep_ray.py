@@ -194,6 +194,22 @@ def test_winner_is_exported_evaluated_and_named_in_the_summary(run_dir, swept):
         assert Path(summary["paths"][name]).exists(), name
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert summary["eval"]["top1"] == results["top1"]
+    # The model says where it came from, and each trial's resolved config is on disk.
+    card = json.loads((run_dir / "model" / "run_card.json").read_text())
+    assert card["stage"] == "sweep" and card["sweep_winner"]["trial_id"] == winner["trial_id"]
+    assert card["final_step"] == MAX_STEPS and card["eval"]["top1"] == results["top1"]
+    for trial in trials:
+        saved = json.loads(
+            (run_dir / "sweep" / f"trial_{trial['trial_id']}" / "config.json").read_text()
+        )
+        # The flags the sweep does not own reach every trial: --zeroshot-every 4.
+        assert (saved["train"]["max_steps"], saved["train"]["zeroshot_every_steps"]) == (
+            MAX_STEPS,
+            4,
+        )
+        assert saved["train"]["lr"] == trial["hparams"]["lr"]
+    spec = json.loads((run_dir / "config.json").read_text())
+    assert spec["stages"] == ["sweep", "evaluate"] and spec["options"]["sweep"] is True
     assert results["num_images"] == 4 * 3
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     assert stages["sweep"]["winner"]["trial_id"] == winner["trial_id"]
