@@ -11,6 +11,7 @@ nor skips an epoch's rows.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -107,9 +108,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # open_clip gathers with torch.distributed.nn.all_gather, which torch now warns about on
     # every call: one line per step per worker would bury the training log.
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-    # Ray Data's notices on this worker follow the job's --log-level (Ray Train's own follow
-    # the RunConfig's logging_config).
-    set_ray_console_level(config.get("log_level", console.DEFAULT))
+    # Ray's notices on this worker follow the job's --log-level. Ray Train logs its per-report
+    # "Reporting training result N: TrainingReport(...)" on a logger named by its file path,
+    # a child of the root logger, which Ray Train sets to INFO here: the root follows too.
+    level = config.get("log_level", console.DEFAULT)
+    set_ray_console_level(level)
+    logging.getLogger().setLevel(level.upper())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(torch_threads(cfg.cpus_per_worker))

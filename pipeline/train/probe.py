@@ -26,7 +26,7 @@ class ZeroShotProbe:
         from PIL import Image
 
         from pipeline.evaluate.datasets import load_image_folder
-        from pipeline.train.modeling import resolve_model_name
+        from pipeline.train.modeling import _quiet_root_logger, resolve_model_name
 
         data = load_image_folder(folder)
         picked: dict[int, int] = {}
@@ -41,7 +41,8 @@ class ZeroShotProbe:
         self.labels_N = torch.tensor(labels)
         # A long template list (e.g. OpenAI's 80) would cost more than the probe is worth.
         templates = data.templates[:max_templates]
-        tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
+        with _quiet_root_logger():  # open_clip narrates the tokenizer's creation at INFO
+            tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
         prompts = [t(c) for c in data.classnames for t in templates]
         self.tokens_PL = tokenizer(prompts)
         self.num_classes = len(data.classnames)
