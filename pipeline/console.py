@@ -11,6 +11,10 @@ from __future__ import annotations
 import logging
 import os
 
+# Ray Data warnings about its own sizing, not the user's business: the pipeline disables the
+# progress bars on purpose, and sizes its actor pools below what the cluster could start
+# (the "may hang forever unless the cluster scales up" notice); shown at info and debug.
+INTERNAL_WARNINGS = ("Progress bars disabled", "may hang forever")
 LEVEL_ENV = "RAY_LOGGER_LEVEL"  # also read by the Ray processes a local cluster starts
 DEFAULT = "warning"
 
@@ -28,3 +32,13 @@ def set_ray_console_level(name: str) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if "File" not in type(handler).__name__:  # its SessionFileHandler keeps everything
             handler.setLevel(name.upper())
+            for f in [f for f in handler.filters if isinstance(f, _Internal)]:
+                handler.removeFilter(f)
+            if name in ("warning", "error"):
+                handler.addFilter(_Internal())
+
+
+class _Internal(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in INTERNAL_WARNINGS)

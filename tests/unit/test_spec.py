@@ -310,3 +310,28 @@ def test_progress_line():
         "[train] step 40/312 epoch 1 loss 3.412 temp 0.0700 lr 1.90e-03 1234 samples/s "
         "data wait 3% ETA 2m10s"
     )
+
+
+def test_log_level_hides_ray_internal_warnings_only_by_default():
+    import logging
+
+    from pipeline.console import set_ray_console_level
+
+    def shown(message: str, level: int = logging.WARNING) -> bool:
+        record = logging.LogRecord("ray.data.x", level, __file__, 1, message, None, None)
+        console = [
+            h for h in logging.getLogger("ray.data").handlers if "File" not in type(h).__name__
+        ]
+        return all(h.filter(record) and record.levelno >= h.level for h in console)
+
+    try:
+        set_ray_console_level("warning")
+        assert not shown("Progress bars disabled. To enable, set ...")
+        assert not shown("Cluster resources are not enough ... The job may hang forever")
+        assert shown("a block failed to read")
+        assert not shown("Starting execution of Dataset", logging.INFO)
+        set_ray_console_level("info")
+        assert shown("Progress bars disabled. To enable, set ...")
+        assert shown("Starting execution of Dataset", logging.INFO)
+    finally:
+        set_ray_console_level("warning")
