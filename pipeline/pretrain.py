@@ -11,10 +11,13 @@ again, saying which input changed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -289,15 +292,43 @@ def _run_prepare(spec, run, urls, path, fingerprint, decision, log):
     from pipeline.data.prepare import run_prepare
 
     log(f"[prepare] {len(urls)} rows from {path}")
-    return run_prepare(
-        urls,
-        run,
-        spec.config.prepare,
-        fingerprint=fingerprint,
-        retry_failed=spec.options.retry_failed,
-        fresh=decision.fresh,
-        log=log,
-    )
+    total = -(-len(urls) // spec.config.prepare.rows_per_shard)
+    with shard_ticker(run.root / "data" / "progress", total, log):
+        return run_prepare(
+            urls,
+            run,
+            spec.config.prepare,
+            fingerprint=fingerprint,
+            retry_failed=spec.options.retry_failed,
+            fresh=decision.fresh,
+            log=log,
+        )
+
+
+@contextlib.contextmanager
+def shard_ticker(progress: Path, total: int, log: Any, every_s: float = 15.0):
+    """A console line every `every_s` seconds while shards finish: prepare's progress, counted
+    from the markers its workers write (the driver only reads the folder)."""
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def tick() -> None:
+        last = -1
+        while not stop.wait(every_s):
+            done = len(list(progress.glob("part-?????.json")))
+            if done == last:
+                continue
+            last, elapsed = done, time.monotonic() - start
+            eta = f", ETA {elapsed / done * (total - done):.0f}s" if 0 < done < total else ""
+            log(f"[prepare] {done}/{total} shards finished after {elapsed:.0f}s{eta}")
+
+    thread = threading.Thread(target=tick, name="prepare-ticker", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def train(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:

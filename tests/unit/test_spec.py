@@ -335,3 +335,22 @@ def test_log_level_hides_ray_internal_warnings_only_by_default():
         assert shown("Starting execution of Dataset", logging.INFO)
     finally:
         set_ray_console_level("warning")
+
+
+def test_prepare_prints_its_progress_from_the_shard_markers(tmp_path):
+    import time
+
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    lines: list[str] = []
+    with pretrain.shard_ticker(progress, total=4, log=lines.append, every_s=0.05):
+        (progress / "part-00000.json").write_text("{}")
+        (progress / "fingerprint").write_text("x")  # not a marker
+        deadline = time.monotonic() + 5
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (progress / "part-00001.json").write_text("{}")
+        while len(lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert lines[0].startswith("[prepare] 1/4 shards finished after ")
+    assert lines[1].startswith("[prepare] 2/4 shards finished after ") and "ETA" in lines[1]
