@@ -254,9 +254,13 @@ def run_spec(spec: RunSpec, address: str | None, after: Any = None) -> RunSpec:
     (unless a dry run) save it as RUN/config.json, start Ray, run the stages, summarise."""
     spec = validate(spec)
     run = RunDir.at(spec.run_dir)
+    rows = pretrain.plan(spec, run)
     if spec.options.dry_run:
-        print(pretrain.format_plan(spec, pretrain.plan(spec, run)))
+        print(pretrain.format_plan(spec, rows))
         return spec
+    refused = [row["why"] for row in rows if row["action"] == "refused"]
+    if refused:  # before Ray starts and before anything is written
+        raise StageConfigMismatch(refused[0])
     run.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run.root / "config.json", spec.to_dict())
     init_ray(address)

@@ -354,3 +354,19 @@ def test_prepare_prints_its_progress_from_the_shard_markers(tmp_path):
             time.sleep(0.01)
     assert lines[0].startswith("[prepare] 1/4 shards finished after ")
     assert lines[1].startswith("[prepare] 2/4 shards finished after ") and "ETA" in lines[1]
+
+
+def test_a_refused_rerun_stops_before_ray_and_writes_nothing(tmp_path):
+    import ray
+    from common import run_spec
+
+    run = RunDir.at(tmp_path / "run")
+    _shards(run.shards, 10)
+    old = build_spec(stages=("train",), run_dir=str(run.root))
+    pretrain.finish(run, "train", pretrain.train_identity(old, run), metrics={})
+    new = spec(
+        ["--run-dir", str(run.root), "--lr", "0.001"], sections=("train",), stages=("train",)
+    )
+    with pytest.raises(StageConfigMismatch, match=r"train\.lr: 0\.002 -> 0\.001"):
+        run_spec(new, address=None)
+    assert not ray.is_initialized() and not (run.root / "config.json").exists()
