@@ -184,7 +184,9 @@ def test_run_dir_mode_writes_results_and_tensorboard(
     spec = importlib.util.spec_from_file_location("eval_job", REPO / "jobs" / "eval.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    monkeypatch.setattr(job, "init_ray", lambda address: None)  # ray_local is up
+    # ray_local is up: neither the job's nor the front door's Ray start.
+    monkeypatch.setattr(job, "init_ray", lambda address: None)
+    monkeypatch.setattr(sys.modules["common"], "init_ray", lambda address: None)
 
     run = tmp_path / "run"
     shutil.copytree(tiny / "model", run / "model")  # RUN/model as jobs/train.py leaves it
