@@ -224,8 +224,7 @@ class PipelineConfig:
 
 # A sweep's trials train with the preset's train section and these changes (its axes and
 # max_steps then set the rest): short trials want a short warmup and frequent probes, since
-# ASHA ranks trials on them, and a checkpoint at every probe, so a resumed trial restarts
-# from its last one and the winner's final one is exported.
+# ASHA ranks trials on them (a trial checkpoints at every probe: see trial_train_config).
 _DEMO_TRIALS = {
     # The demo's trials are faster on one worker: on a CPU a second one only adds the
     # all-reduce and its own start-up. One thread, which on 2 cores runs a step in about half
@@ -234,7 +233,6 @@ _DEMO_TRIALS = {
     "cpus_per_worker": 1.0,
     "warmup_steps": 10,  # the preset's 50 would be most of a 150-step budget
     "zeroshot_every_steps": 30,
-    "checkpoint_every_steps": 30,
     "zeroshot_images_per_class": 16,  # the demo's whole val folder: ~1.5 s a probe on a CPU
 }
 
@@ -263,7 +261,6 @@ def _tiny(sweep: bool = False) -> PipelineConfig:
             | {
                 "warmup_steps": 2,
                 "zeroshot_every_steps": 2,
-                "checkpoint_every_steps": 2,
                 "zeroshot_images_per_class": 2,
             },
         )
@@ -309,7 +306,6 @@ def _datacomp_small(sweep: bool = False) -> PipelineConfig:
             train,
             warmup_steps=100,
             zeroshot_every_steps=125,
-            checkpoint_every_steps=125,
             zeroshot_images_per_class=16,
         )
     return PipelineConfig(

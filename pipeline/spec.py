@@ -36,6 +36,7 @@ SWEPT = {
     "train.lr": "sweep.lr_rule with sweep.base_lr (or sweep.lrs)",
     "train.seed": "sweep.seeds",
     "train.max_steps": "sweep.max_steps",
+    "train.checkpoint_every_steps": "train.zeroshot_every_steps (trials checkpoint at probes)",
 }
 
 

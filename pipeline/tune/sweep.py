@@ -162,6 +162,7 @@ def trial_train_config(train: TrainConfig, sweep: SweepConfig, params: dict[str,
     """The TrainConfig of one trial: the run's train section with the trial's axes and budget.
 
     Only the fields the sweep owns (spec.SWEPT) change; every other one is the run's.
+    checkpoint_every_steps follows zeroshot_every_steps.
     """
     hp = trial_hparams(sweep, params)
     return dataclasses.replace(
@@ -173,6 +174,10 @@ def trial_train_config(train: TrainConfig, sweep: SweepConfig, params: dict[str,
         seed=hp["seed"],
         max_steps=sweep.max_steps,
         warmup_steps=min(train.warmup_steps, sweep.max_steps),
+        # A checkpoint (and so a report) at every probe and only there: every report carries
+        # the metric ASHA ranks by, the winner's last checkpoint is exported, and a resumed
+        # trial restarts from its last one.
+        checkpoint_every_steps=train.zeroshot_every_steps,
     )
 
 

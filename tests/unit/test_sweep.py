@@ -90,9 +90,11 @@ def test_trial_train_config_applies_the_axes_and_the_budget_and_keeps_the_rest()
     assert (train.global_batch_size, train.seed, train.num_workers) == (256, 3, 1)
     assert train.lr == pytest.approx(2e-3)
     assert (train.max_steps, train.warmup_steps) == (90, 10)
+    assert train.checkpoint_every_steps == train.zeroshot_every_steps == 15  # reports at probes
     # Only the fields the sweep owns change: every other one is the run's train section.
     owned = {"init_temperature", "learn_temperature", "global_batch_size", "seed", "lr"}
-    for name in {f.name for f in dataclasses.fields(TrainConfig)} - owned - {"max_steps"}:
+    derived = {"max_steps", "checkpoint_every_steps"}
+    for name in {f.name for f in dataclasses.fields(TrainConfig)} - owned - derived:
         assert getattr(train, name) == getattr(base, name), name
 
 
