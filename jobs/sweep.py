@@ -1,6 +1,6 @@
 """Sweep stage: Ray Tune over temperature, batch size and lr on a prepared run directory.
 
-Trials share RUN/data/shards; ASHA stops the weak ones early on zero-shot top-1 measured on a
+Trials share RUN/data/shards; the scheduler stops the weak ones early on zero-shot top-1 on a
 small held-out folder. The best trial is exported to RUN/model and evaluated; RUN/sweep holds
 report.html, TensorBoard hparams and the leaderboard. Rerun the same command to resume a
 sweep whose driver died.
@@ -71,10 +71,20 @@ SWEEP_FLAGS = {
     "--seeds": ("seeds", _list(int), "seeds, e.g. 0,1"),
     "--search": ("search", str, "grid, random or optuna"),
     "--num-samples": ("num_samples", int, "trials drawn by random/optuna; repeats of a grid"),
-    "--scheduler": ("scheduler", str, "asha, or none to run every trial to its end"),
+    "--scheduler": (
+        "scheduler",
+        str,
+        "halving (the default: same answer whatever the order of the lists), asha, or none",
+    ),
     "--max-steps": ("max_steps", int, "training steps of a trial that is never stopped"),
-    "--grace-period": ("grace_period", int, "ASHA: steps before a trial can be stopped"),
-    "--reduction-factor": ("reduction_factor", int, "ASHA: 1/N of trials go on at each rung"),
+    "--grace-period": ("grace_period", int, "steps before a trial can be stopped (first rung)"),
+    "--reduction-factor": ("reduction_factor", int, "1/N of trials go on at each rung"),
+    "--keep-within-se": (
+        "keep_within_se",
+        float,
+        "halving: keep a trial within this many probe standard errors of the cutoff",
+    ),
+    "--report-every": ("report_every_s", float, "seconds between live report rewrites"),
     "--zeroshot-every": ("zeroshot_every_steps", int, "steps between zero-shot probes"),
     "--workers-per-trial": ("workers_per_trial", int, "Ray Train workers of each trial"),
     "--cpus-per-trial-worker": (

@@ -231,6 +231,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"step": step, **run_metrics}
             if zeroshot_top1 is not None:
                 metrics["zeroshot_top1"] = zeroshot_top1
+                if probe is not None:
+                    # The probe's size: a sweep's rungs read top-1's binomial standard error.
+                    metrics["zeroshot_images"] = len(probe.labels_N)
             state = None
             if rank == 0 and report_now:  # every rank holds the same weights; one copy is enough
                 state = {
