@@ -1,14 +1,17 @@
-"""ASHA against the full grid over the same search space, on the demo's prepared data.
+"""Early stopping against the full grid over the same search space, on the demo's data.
 
-Both sweeps run for real, one after the other, on one local Ray: the grid trains every trial
-to max_steps (what a user without early stopping would run), ASHA stops trials at its rungs
-on zero-shot top-1 measured on the demo's val folder. Printed: each sweep's best
-configuration and its accuracy, the training steps each spent, the ratio, the wall times.
-Done when ASHA finds the grid's best configuration, or one within 1 point of its accuracy,
-with at most half the grid's steps.
+The sweeps run for real, one after the other, on one local Ray: the grid trains every trial
+to max_steps (what a user without early stopping would run); synchronous successive halving
+(the default scheduler) and, with --only asha, Tune's ASHA stop trials at their rungs on
+zero-shot top-1 measured on the demo's val folder. Printed: each sweep's best configuration
+and its accuracy, the training steps each spent, the ratio, the wall times, each trial
+start's overhead. Then both rules are replayed on the grid's curves for all 12 orders of the
+two lists (exact: trials are deterministic). Done when, for every order, the best found is
+the grid's best configuration or within 1 point of its accuracy, with at most half its steps.
 
     python jobs/prepare_data.py --preset demo --run-dir /tmp/clip-demo   # once, ~3 min
     python benchmarks/bench_sweep.py --run-dir /tmp/clip-demo
+    python benchmarks/bench_sweep.py --run-dir /tmp/clip-demo --reuse-grid   # the grid's curves
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ import numpy as np  # noqa: E402
 from pipeline.config import get_preset  # noqa: E402
 from pipeline.pretrain import count_samples  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
-from pipeline.tune.report import format_leaderboard, read_sweep  # noqa: E402
+from pipeline.tune.report import format_leaderboard, read_sweep, winner  # noqa: E402
+from pipeline.tune.scheduler import SuccessiveHalving, replay  # noqa: E402
+
+SWEEPS = {"halving": "halving", "asha": "asha", "grid": "none"}  # name -> scheduler
 
 
 def run_one(name: str, cfg, run: RunDir, val: Path, out: Path) -> dict:
@@ -39,21 +45,49 @@ def run_one(name: str, cfg, run: RunDir, val: Path, out: Path) -> dict:
     sweep_dir = out / name
     shutil.rmtree(sweep_dir, ignore_errors=True)
     start, load = time.perf_counter(), os.getloadavg()[0]
-    report = run_sweep(
+    run_sweep(
         cfg.train, cfg.sweep, run.shards, count_samples(run.shards), sweep_dir, val, log=print
     )
     seconds = time.perf_counter() - start
+    return result(name, sweep_dir, seconds, (load + os.getloadavg()[0]) / 2)
+
+
+def result(name: str, sweep_dir: Path, seconds: float | None, load: float | None) -> dict:
     _, trials = read_sweep(sweep_dir)
     print(format_leaderboard(trials, sweep_dir))
+    best = winner(trials)
     return {
         "name": name,
         "seconds": seconds,
-        "load": (load + os.getloadavg()[0]) / 2,
+        "load": load,
         "trials": trials,
-        "winner": report["winner"],
-        "steps": report["steps_total"],
-        "stopped": report["stopped_early"],
+        "winner": best,
+        "steps": sum(t["steps"] for t in trials),
+        "stopped": sum(t["status"] == "stopped" for t in trials),
+        "overhead": startup_overheads(trials),
     }
+
+
+def startup_overheads(trials: list[dict]) -> list[float]:
+    """Seconds each trial start (a first start or a resume) spent before training at speed.
+
+    Tune's time_total_s at a trial's first report after a start, less the time of a steady
+    interval between two reports (the trial's median): the Tune function, the TrainController,
+    the worker, the data pipeline's start and the probe's set-up, per start.
+    """
+    out = []
+    for t in trials:
+        times = [(r["step"], r.get("time_total_s")) for r in t["history"]]
+        times = [(s, x) for s, x in times if x is not None]
+        gaps = sorted(b[1] - a[1] for a, b in itertools.pairwise(times))
+        if not times or not gaps:
+            continue
+        steady = gaps[len(gaps) // 2]
+        # A start is where the time jumps by more than twice the steady interval.
+        first = times[0][1] - steady
+        out.append(first)
+        out.extend(g - steady for g in gaps if g > 2 * steady)
+    return out
 
 
 def knobs(winner: dict) -> str:
@@ -68,7 +102,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", required=True, help="a demo run dir with prepared shards")
     parser.add_argument("--preset", default="demo", help="whose sweep section is the space")
-    parser.add_argument("--only", choices=("grid", "asha"), default=None, help="run one sweep")
+    parser.add_argument(
+        "--only", choices=tuple(SWEEPS), default=None, help="run this sweep alone (and the grid)"
+    )
+    parser.add_argument(
+        "--reuse-grid",
+        action="store_true",
+        help="read the grid of an earlier run of this benchmark (trials are deterministic)",
+    )
     args = parser.parse_args()
     run = RunDir.at(args.run_dir)
     val = run.demo / "val"
@@ -85,36 +126,58 @@ def main() -> None:
     cfg = get_preset(args.preset)
     out = run.root / "bench-sweep"
     results = {}
-    for name, scheduler in (("asha", "asha"), ("grid", "none")):
-        if args.only in (None, name):
-            sweep = dataclasses.replace(cfg.sweep, scheduler=scheduler)
-            results[name] = run_one(name, dataclasses.replace(cfg, sweep=sweep), run, val, out)
+    names = [args.only or "halving", "grid"]
+    for name in dict.fromkeys(names):
+        grid_done = (out / "grid" / "sweep_config.json").is_file()
+        if name == "grid" and args.reuse_grid and grid_done:
+            results[name] = result(name, out / "grid", None, None)
+            continue
+        sweep = dataclasses.replace(cfg.sweep, scheduler=SWEEPS[name])
+        results[name] = run_one(name, dataclasses.replace(cfg, sweep=sweep), run, val, out)
     ray.shutdown()
     print(compare(results))
-    if "grid" in results:
-        print(replay_orders(results["grid"]["trials"], cfg.sweep))
+    grid = results["grid"]["trials"]
+    if all(t["status"] == "completed" for t in grid):
+        print(replay_orders(grid, cfg.sweep))
 
 
 def compare(results: dict[str, dict]) -> str:
-    lines = ["", "== ASHA vs the full grid (same space, same data, same budget per trial) =="]
+    lines = ["", "== early stopping vs the full grid (same space, same data, same budget) =="]
     for r in results.values():
         w = r["winner"]
-        lines.append(
-            f"{r['name']:<4}: {len(r['trials'])} trials, {r['stopped']} stopped early, "
-            f"{r['steps']} training steps, {r['seconds'] / 60:.1f} min wall "
-            f"(load average {r['load']:.1f} on {os.cpu_count()} cores)\n"
-            f"      best: {w['trial_id']} ({knobs(w)}): val top1 {100 * w['final_top1']:.1f}%"
+        wall = (
+            "reused from an earlier run"
+            if r["seconds"] is None
+            else f"{r['seconds'] / 60:.1f} min wall (load average {r['load']:.1f} on "
+            f"{os.cpu_count()} cores)"
         )
-    if len(results) == 2:
-        asha, grid = results["asha"], results["grid"]
-        ratio = asha["steps"] / grid["steps"]
-        gap = 100 * (grid["winner"]["final_top1"] - asha["winner"]["final_top1"])
-        same = asha["winner"]["hparams"] == grid["winner"]["hparams"]
+        overhead = r["overhead"]
         lines.append(
-            f"steps ASHA/grid: {asha['steps']}/{grid['steps']} = {ratio:.2f} "
-            f"(wall {asha['seconds'] / grid['seconds']:.2f}x); "
-            f"best config {'the same' if same else 'different'}, "
-            f"accuracy gap {gap:+.1f} points"
+            f"{r['name']:<7}: {len(r['trials'])} trials, {r['stopped']} stopped early, "
+            f"{r['steps']} training steps, {wall}\n"
+            f"         best: {w['trial_id']} ({knobs(w)}): val top1 {100 * w['final_top1']:.1f}%"
+            + (
+                f"\n         {len(overhead)} trial starts, start-up overhead median "
+                f"{np.median(overhead):.1f} s (min {min(overhead):.1f}, max {max(overhead):.1f})"
+                if overhead
+                else ""
+            )
+        )
+    grid = results.get("grid")
+    for name, r in results.items():
+        if name == "grid" or grid is None:
+            continue
+        ratio = r["steps"] / grid["steps"]
+        gap = 100 * (grid["winner"]["final_top1"] - r["winner"]["final_top1"])
+        same = r["winner"]["hparams"] == grid["winner"]["hparams"]
+        wall = (
+            f" (wall {r['seconds'] / grid['seconds']:.2f}x)"
+            if r["seconds"] and grid["seconds"]
+            else ""
+        )
+        lines.append(
+            f"steps {name}/grid: {r['steps']}/{grid['steps']} = {ratio:.2f}{wall}; "
+            f"best config {'the same' if same else 'different'}, accuracy gap {gap:+.1f} points"
         )
         ok = (same or gap <= 1.0) and ratio <= 0.5
         lines.append(f"done-when (same best or within 1 point, at most half the steps): {ok}")
@@ -151,8 +214,25 @@ def replay_asha(trials: list[dict], grace: int, rf: int, max_t: int) -> tuple[in
     return steps, max(finished, key=lambda t: t["final_top1"])
 
 
+def replay_halving(trials: list[dict], sweep) -> tuple[int, dict]:
+    """pipeline.tune.scheduler's successive halving, one trial at a time in the given order,
+    on the grid's curves (its own scheduler class, driven by `replay`)."""
+    scheduler = SuccessiveHalving(
+        metric="zeroshot_top1",
+        max_t=sweep.max_steps,
+        grace_period=sweep.grace_period,
+        reduction_factor=sweep.reduction_factor,
+        se_multiple=sweep.keep_within_se,
+        expected_trials=len(trials),
+        concurrency=1,
+    )
+    out = replay(scheduler, [(t["trial_id"], t["history"]) for t in trials])
+    by_id = {t["trial_id"]: t for t in trials}
+    return out["steps"], max((by_id[t] for t in out["finished"]), key=lambda t: t["final_top1"])
+
+
 def replay_orders(grid: list[dict], sweep) -> str:
-    """How ASHA's result, one trial at a time, depends on the order of the lists."""
+    """How each rule's result, one trial at a time, depends on the order of the lists."""
     by_knobs = {(t["hparams"]["temperature"], t["hparams"]["batch_size"]): t for t in grid}
     best = max(grid, key=lambda t: t["final_top1"])
     full = sum(t["steps"] for t in grid)
@@ -161,22 +241,30 @@ def replay_orders(grid: list[dict], sweep) -> str:
             itertools.permutations(sweep.temperatures), itertools.permutations(sweep.batch_sizes)
         )
     )
-    lines = ["", "== ASHA replayed on the grid's curves, for every order of the lists =="]
-    met = 0
-    for temps, batches in orders:
-        order = [by_knobs[(t, b)] for t in temps for b in batches]
-        rule = (sweep.grace_period, sweep.reduction_factor, sweep.max_steps)
-        steps, found = replay_asha(order, *rule)
-        gap = 100 * (best["final_top1"] - found["final_top1"])
-        ok = gap <= 1.0 and steps <= full / 2
-        met += ok
-        lines.append(
-            f"temperatures {','.join(f'{t:g}' for t in temps)} x batch "
-            f"{','.join(map(str, batches))}: steps {steps / full:.2f}, best "
-            f"{found['hparams']['temperature']:g}/{found['hparams']['batch_size']} "
-            f"{100 * found['final_top1']:.1f}% (gap {gap:+.1f}){'  meets the bar' if ok else ''}"
-        )
-    lines.append(f"{met} of {len(orders)} orders meet the bar")
+    rules = {
+        "ASHA": lambda order: replay_asha(
+            order, sweep.grace_period, sweep.reduction_factor, sweep.max_steps
+        ),
+        "successive halving": lambda order: replay_halving(order, sweep),
+    }
+    lines = []
+    for rule, play in rules.items():
+        lines += ["", f"== {rule} replayed on the grid's curves, for every order of the lists =="]
+        met = 0
+        for temps, batches in orders:
+            order = [by_knobs[(t, b)] for t in temps for b in batches]
+            steps, found = play(order)
+            gap = 100 * (best["final_top1"] - found["final_top1"])
+            ok = gap <= 1.0 and steps <= full / 2
+            met += ok
+            lines.append(
+                f"temperatures {','.join(f'{t:g}' for t in temps)} x batch "
+                f"{','.join(map(str, batches))}: steps {steps / full:.2f}, best "
+                f"{found['hparams']['temperature']:g}/{found['hparams']['batch_size']} "
+                f"{100 * found['final_top1']:.1f}% (gap {gap:+.1f})"
+                + ("  meets the bar" if ok else "")
+            )
+        lines.append(f"{rule}: {met} of {len(orders)} orders meet the bar")
     return "\n".join(lines)
 
 

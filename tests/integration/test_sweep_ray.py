@@ -1,10 +1,12 @@
-"""A real sweep through the real CLI: killed mid-way, resumed, reported, its winner exported.
+"""A real sweep through the real CLI: watched live, killed mid-way, resumed, reported, exported.
 
 `python jobs/sweep.py` runs on a run directory of real Parquet shards (solid-colour images
-captioned with their colour) with its own local Ray. The driver is SIGKILLed once a trial has
-finished; rerunning the same command resumes the sweep. Then everything a user reads is
-checked: the leaderboard, report.html and its PNGs, the TensorBoard hparams sessions, the
-exported winner (against its checkpoint), the evaluation and summary.json.
+captioned with their colour) with its own local Ray, under the default scheduler (synchronous
+successive halving). report.html is read while trials are still running; the driver is
+SIGKILLed once a trial has finished; rerunning the same command resumes the sweep. Then
+everything a user reads is checked: the rung decisions, the leaderboard, report.html and its
+PNGs, the TensorBoard hparams sessions, the exported winner (against its checkpoint), the
+evaluation and summary.json.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.train.loop import CHECKPOINT_FILE
 from pipeline.tune.report import read_sweep
+from pipeline.tune.scheduler import judge
 from tests.integration.test_train_ray import COLOURS, _write_shards
 
 pytestmark = pytest.mark.integration
@@ -78,17 +81,23 @@ def _histories(run: Path) -> dict[str, list[dict]]:
     return out
 
 
-def _kill_when_a_trial_ended(run: Path, log: Path) -> dict[str, list[dict]]:
-    """Start the sweep, SIGKILL its driver once a trial has ended (and Tune saved its state)."""
+def _kill_when_a_trial_ended(run: Path, log: Path) -> tuple[dict[str, list[dict]], str]:
+    """Start the sweep, SIGKILL its driver once a trial has ended (and Tune saved its state).
+
+    Returns the histories at the kill and report.html as read while the sweep was running."""
     with log.open("w") as out:
         proc = subprocess.Popen(
             _command(run), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         deadline = time.monotonic() + 400
-        ended_at = None
+        ended_at, live_page = None, None
+        report = run / "sweep" / "report.html"
         while time.monotonic() < deadline and proc.poll() is None:
-            ended = [h for h in _histories(run).values() if any("end" in r for r in h)]
+            histories = _histories(run)
+            ended = [h for h in histories.values() if any("end" in r for r in h)]
+            if live_page is None and report.exists() and len(ended) < len(histories):
+                live_page = report.read_text()
             if ended and ended_at is None:
                 ended_at = time.monotonic()
             # Tune writes its experiment state every few seconds: give it time to record it.
@@ -99,7 +108,7 @@ def _kill_when_a_trial_ended(run: Path, log: Path) -> dict[str, list[dict]]:
         assert ended_at is not None, f"no trial ended in time:\n{log.read_text()[-3000:]}"
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies; its local Ray goes with it
         proc.wait()
-        return _histories(run)
+        return _histories(run), live_page
     finally:
         try:  # what is left of the Ray processes this test started (same process group)
             os.killpg(proc.pid, signal.SIGKILL)
@@ -110,11 +119,19 @@ def _kill_when_a_trial_ended(run: Path, log: Path) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def swept(run_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    before = _kill_when_a_trial_ended(run_dir, logs / "killed.log")
-    assert not (run_dir / "sweep" / "report.html").exists()
+    before, live_page = _kill_when_a_trial_ended(run_dir, logs / "killed.log")
     done = subprocess.run(_command(run_dir), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"before": before, "stdout": done.stdout}
+    return {"before": before, "stdout": done.stdout, "live_page": live_page}
+
+
+def test_report_is_readable_while_the_sweep_runs(swept):
+    page = swept["live_page"]
+    assert page is not None, "report.html was not written while trials were still running"
+    # Written mid-sweep: it lists trials, and some of them were not over yet.
+    counts = re.search(r"(\d+) paused at a rung, (\d+) running", page)
+    assert counts and int(counts[1]) + int(counts[2]) > 0, page[:2000]
+    assert page.count("<tr") >= 2  # the leaderboard's header and at least one trial
 
 
 def test_resume_keeps_finished_trials_and_completes_the_rest(run_dir, swept):
@@ -130,8 +147,30 @@ def test_resume_keeps_finished_trials_and_completes_the_rest(run_dir, swept):
     assert "resuming the sweep" in swept["stdout"]
 
 
-def test_asha_stopped_the_trials_that_do_not_learn(run_dir, swept):
+def test_halving_stopped_the_trials_that_do_not_learn(run_dir, swept):
     _, trials = read_sweep(run_dir / "sweep")
+    # Each rung was judged on the set of values the trials reported there (the decision the
+    # pure rule gives that set, whatever order they came in), each of those trials once.
+    for rung in (4, 8):
+        values = {
+            t["trial_id"]: r["zeroshot_top1"]
+            for t in trials
+            for r in t["history"]
+            if r["step"] == rung and any(e.get("rung") == rung for e in t["events"])
+        }
+        decided = {
+            t["trial_id"]: e
+            for t in trials
+            for e in t["events"]
+            if e["event"] in ("promoted", "stopped") and e["rung"] == rung
+        }
+        assert set(decided) == set(values) and values
+        probe = {r.get("zeroshot_images") for t in trials for r in t["history"]}
+        assert probe == {2 * len(COLOURS)}  # the tiny preset's 2 images a class
+        expected = judge(values, 2, 1.0, 2 * len(COLOURS))
+        for trial_id, event in decided.items():
+            assert (event["event"] == "promoted") == expected[trial_id]["promoted"]
+            assert event["bar"] == pytest.approx(expected[trial_id]["bar"])
     stopped = [t for t in trials if t["status"] == "stopped"]
     assert stopped, [(t["trial_id"], t["status"], t["final_top1"]) for t in trials]
     assert all(t["steps"] < MAX_STEPS for t in stopped)
