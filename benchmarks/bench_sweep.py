@@ -11,7 +11,7 @@ the grid's best configuration or within 1 point of its accuracy, with at most ha
 
     python jobs/prepare_data.py --preset demo --run-dir /tmp/clip-demo   # once, ~3 min
     python benchmarks/bench_sweep.py --run-dir /tmp/clip-demo
-    python benchmarks/bench_sweep.py --run-dir /tmp/clip-demo --reuse-grid   # the grid's curves
+    python benchmarks/bench_sweep.py --run-dir /tmp/clip-demo --reuse grid   # the grid's curves
 """
 
 from __future__ import annotations
@@ -103,14 +103,20 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True, help="a demo run dir with prepared shards")
     parser.add_argument("--preset", default="demo", help="whose sweep section is the space")
     parser.add_argument(
-        "--only", choices=tuple(SWEEPS), default=None, help="run this sweep alone (and the grid)"
+        "--sweeps",
+        default="halving,grid",
+        help=f"comma-separated, of {', '.join(SWEEPS)}: the sweeps compared",
     )
     parser.add_argument(
-        "--reuse-grid",
-        action="store_true",
-        help="read the grid of an earlier run of this benchmark (trials are deterministic)",
+        "--reuse",
+        default="",
+        help="comma-separated: sweeps read from an earlier run of this benchmark rather than run "
+        "again (trials are deterministic), e.g. grid",
     )
     args = parser.parse_args()
+    names, reuse = args.sweeps.split(","), set(filter(None, args.reuse.split(",")))
+    if not set(names) <= set(SWEEPS) or not reuse <= set(names):
+        sys.exit(f"error: --sweeps and --reuse take names among {', '.join(SWEEPS)}")
     run = RunDir.at(args.run_dir)
     val = run.demo / "val"
     if not val.is_dir():
@@ -126,18 +132,16 @@ def main() -> None:
     cfg = get_preset(args.preset)
     out = run.root / "bench-sweep"
     results = {}
-    names = [args.only or "halving", "grid"]
-    for name in dict.fromkeys(names):
-        grid_done = (out / "grid" / "sweep_config.json").is_file()
-        if name == "grid" and args.reuse_grid and grid_done:
-            results[name] = result(name, out / "grid", None, None)
+    for name in names:
+        if name in reuse:
+            results[name] = result(name, out / name, None, None)
             continue
         sweep = dataclasses.replace(cfg.sweep, scheduler=SWEEPS[name])
         results[name] = run_one(name, dataclasses.replace(cfg, sweep=sweep), run, val, out)
     ray.shutdown()
     print(compare(results))
-    grid = results["grid"]["trials"]
-    if all(t["status"] == "completed" for t in grid):
+    grid = results.get("grid", {}).get("trials", [])
+    if grid and all(t["status"] == "completed" for t in grid):
         print(replay_orders(grid, cfg.sweep))
 
 

@@ -37,7 +37,8 @@ WORKER_START_TIMEOUT_S = 900  # how long a trial's workers may wait for CPUs to 
 SCHEDULERS = ("halving", "asha", "none")
 LR_RULES = ("linear", "sqrt", "swept")
 # The reported metrics a trial's history keeps (the rest of Tune's result is bookkeeping).
-KEPT = ("step", "epoch", METRIC, PROBE_SIZE, "loss", "logit_scale", "lr", "samples_per_second")
+KEPT = ("step", "epoch", METRIC, PROBE_SIZE, "loss", "logit_scale", "lr", "samples_per_second",
+        "start_loop_at", "start_ready_at", "start_first_batch_at")  # fmt: skip
 
 
 # -- the search space -------------------------------------------------------------------------
