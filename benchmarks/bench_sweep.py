@@ -22,6 +22,7 @@ import itertools
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -124,10 +125,18 @@ def main() -> None:
     count_samples(run.shards)  # a clear error if the data is not prepared
 
     import ray
+    from ray._private.services import get_node_ip_address
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # With its dashboard: Ray Train's placement-group cleaner asks the state API whether a
-    # trial's controller is gone, and never frees the trial's CPUs without it.
+    # trial's controller is gone, and never frees the trial's CPUs without it. It finds the
+    # cluster by RAY_ADDRESS; with another Ray on the machine it cannot tell which is its own
+    # and gives up, so a paused or stopped trial's CPUs stay held (as jobs/common.init_ray).
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
     ray.init(address="local", configure_logging=False, log_to_driver=False)
     cfg = get_preset(args.preset)
     out = run.root / "bench-sweep"

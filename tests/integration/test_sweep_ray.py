@@ -32,7 +32,9 @@ from pipeline.tune.report import read_sweep
 from pipeline.tune.scheduler import judge
 from tests.integration.test_train_ray import COLOURS, _write_shards
 
-pytestmark = pytest.mark.integration
+# Four trial starts before the first rung is judged, then the resumed ones: slow on a busy
+# machine, and the kill-and-resume fixture counts toward the first test's time.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 16
@@ -90,7 +92,8 @@ def _kill_when_a_trial_ended(run: Path, log: Path) -> tuple[dict[str, list[dict]
             _command(run), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 400
+        # Every trial reaches the first rung before any ends (4 starts; minutes on a busy machine).
+        deadline = time.monotonic() + 900
         ended_at, live_page = None, None
         report = run / "sweep" / "report.html"
         while time.monotonic() < deadline and proc.poll() is None:
@@ -120,7 +123,7 @@ def _kill_when_a_trial_ended(run: Path, log: Path) -> tuple[dict[str, list[dict]
 def swept(run_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     before, live_page = _kill_when_a_trial_ended(run_dir, logs / "killed.log")
-    done = subprocess.run(_command(run_dir), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_command(run_dir), capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"before": before, "stdout": done.stdout, "live_page": live_page}
 
