@@ -151,7 +151,8 @@ def main() -> None:
     print(compare(results))
     grid = results.get("grid", {}).get("trials", [])
     if grid and all(t["status"] == "completed" for t in grid):
-        print(replay_orders(grid, cfg.sweep))
+        probe = probe_images(val, cfg.sweep.zeroshot_images_per_class)
+        print(replay_orders(grid, cfg.sweep, probe))
 
 
 def compare(results: dict[str, dict]) -> str:
@@ -227,7 +228,13 @@ def replay_asha(trials: list[dict], grace: int, rf: int, max_t: int) -> tuple[in
     return steps, max(finished, key=lambda t: t["final_top1"])
 
 
-def replay_halving(trials: list[dict], sweep) -> tuple[int, dict]:
+def probe_images(val: Path, per_class: int) -> int:
+    """How many images a trial's probe measures on (its reports say so too, since this work)."""
+    classes = [d for d in Path(val).iterdir() if d.is_dir()]
+    return sum(min(per_class, sum(f.is_file() for f in d.iterdir())) for d in classes)
+
+
+def replay_halving(trials: list[dict], sweep, probe_size: int) -> tuple[int, dict]:
     """pipeline.tune.scheduler's successive halving, one trial at a time in the given order,
     on the grid's curves (its own scheduler class, driven by `replay`)."""
     scheduler = SuccessiveHalving(
@@ -239,12 +246,13 @@ def replay_halving(trials: list[dict], sweep) -> tuple[int, dict]:
         expected_trials=len(trials),
         concurrency=1,
     )
+    scheduler.probe_size = probe_size  # for curves from before reports carried it
     out = replay(scheduler, [(t["trial_id"], t["history"]) for t in trials])
     by_id = {t["trial_id"]: t for t in trials}
     return out["steps"], max((by_id[t] for t in out["finished"]), key=lambda t: t["final_top1"])
 
 
-def replay_orders(grid: list[dict], sweep) -> str:
+def replay_orders(grid: list[dict], sweep, probe_size: int) -> str:
     """How each rule's result, one trial at a time, depends on the order of the lists."""
     by_knobs = {(t["hparams"]["temperature"], t["hparams"]["batch_size"]): t for t in grid}
     best = max(grid, key=lambda t: t["final_top1"])
@@ -258,7 +266,7 @@ def replay_orders(grid: list[dict], sweep) -> str:
         "ASHA": lambda order: replay_asha(
             order, sweep.grace_period, sweep.reduction_factor, sweep.max_steps
         ),
-        "successive halving": lambda order: replay_halving(order, sweep),
+        "successive halving": lambda order: replay_halving(order, sweep, probe_size),
     }
     lines = []
     for rule, play in rules.items():
