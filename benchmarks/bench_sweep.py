@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import math
 import os
 import shutil
@@ -66,7 +67,39 @@ def result(name: str, sweep_dir: Path, seconds: float | None, load: float | None
         "steps": sum(t["steps"] for t in trials),
         "stopped": sum(t["status"] == "stopped" for t in trials),
         "overhead": startup_overheads(trials),
+        "phases": startup_phases(sweep_dir),
     }
+
+
+PHASES = {
+    "Tune start -> train loop": ("at", "start_loop_at"),
+    "model, checkpoint, probe": ("start_loop_at", "start_ready_at"),
+    "Ray Data's first batch": ("start_ready_at", "start_first_batch_at"),
+}
+
+
+def startup_phases(sweep_dir: Path) -> dict[str, list[float]]:
+    """Each trial start split by the marks its first report carries (pipeline.train.loop):
+    Tune's start of the trial (the driver's clock, TrialHistory) to the training loop's entry
+    (the Tune function, Ray Train's controller and worker processes, their imports), the loop's
+    set-up, and the wait for the data pipeline's first batch."""
+    phases: dict[str, list[float]] = {name: [] for name in PHASES}
+    for path in sorted(Path(sweep_dir).glob("*/history.jsonl")):
+        start = None
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "params" in record:
+                start = record.get("at")
+            elif start is not None and "start_loop_at" in record:
+                marks = {**record, "at": start}  # the start, not the report's own time
+                for name, (a, b) in PHASES.items():
+                    if a in marks and b in marks:
+                        phases[name].append(marks[b] - marks[a])
+                start = None
+    return phases
 
 
 def startup_overheads(trials: list[dict]) -> list[float]:
@@ -165,7 +198,7 @@ def compare(results: dict[str, dict]) -> str:
             else f"{r['seconds'] / 60:.1f} min wall (load average {r['load']:.1f} on "
             f"{os.cpu_count()} cores)"
         )
-        overhead = r["overhead"]
+        overhead, phases = r["overhead"], r["phases"]
         lines.append(
             f"{r['name']:<7}: {len(r['trials'])} trials, {r['stopped']} stopped early, "
             f"{r['steps']} training steps, {wall}\n"
@@ -175,6 +208,11 @@ def compare(results: dict[str, dict]) -> str:
                 f"{np.median(overhead):.1f} s (min {min(overhead):.1f}, max {max(overhead):.1f})"
                 if overhead
                 else ""
+            )
+            + "".join(
+                f"\n           {name}: median {np.median(v):.1f} s over {len(v)} starts"
+                for name, v in phases.items()
+                if v
             )
         )
     grid = results.get("grid")
