@@ -258,7 +258,10 @@ def plot_curves(trials: list[dict[str, Any]], path: Path) -> Path:
         (line,) = acc_ax.plot(steps, [100 * r[METRIC] for r in scored], marker=".", label=label)
         colour = line.get_color()
         losses = [r for r in t["history"] if r.get("loss") is not None]
-        loss_ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], color=colour)
+        # Dots too: a live sweep's trials may have one report so far, which a line does not show.
+        loss_ax.plot(
+            [r["step"] for r in losses], [r["loss"] for r in losses], color=colour, marker="."
+        )
         at = {r["step"]: 100 * r[METRIC] for r in scored}
         marks = {
             "paused": ("o", 9, "none"),
