@@ -5,7 +5,7 @@ to max_steps (what a user without early stopping would run); synchronous success
 (the default scheduler) and, with --only asha, Tune's ASHA stop trials at their rungs on
 zero-shot top-1 measured on the demo's val folder. Printed: each sweep's best configuration
 and its accuracy, the training steps each spent, the ratio, the wall times, each trial
-start's overhead. Then both rules are replayed on the grid's curves for all 12 orders of the
+start split into phases. Then both rules are replayed on the grid's curves for all 12 orders of the
 two lists (exact: trials are deterministic). Done when, for every order, the best found is
 the grid's best configuration or within 1 point of its accuracy, with at most half its steps.
 
@@ -66,7 +66,6 @@ def result(name: str, sweep_dir: Path, seconds: float | None, load: float | None
         "winner": best,
         "steps": sum(t["steps"] for t in trials),
         "stopped": sum(t["status"] == "stopped" for t in trials),
-        "overhead": startup_overheads(trials),
         "phases": startup_phases(sweep_dir),
     }
 
@@ -100,28 +99,6 @@ def startup_phases(sweep_dir: Path) -> dict[str, list[float]]:
                         phases[name].append(marks[b] - marks[a])
                 start = None
     return phases
-
-
-def startup_overheads(trials: list[dict]) -> list[float]:
-    """Seconds each trial start (a first start or a resume) spent before training at speed.
-
-    Tune's time_total_s at a trial's first report after a start, less the time of a steady
-    interval between two reports (the trial's median): the Tune function, the TrainController,
-    the worker, the data pipeline's start and the probe's set-up, per start.
-    """
-    out = []
-    for t in trials:
-        times = [(r["step"], r.get("time_total_s")) for r in t["history"]]
-        times = [(s, x) for s, x in times if x is not None]
-        gaps = sorted(b[1] - a[1] for a, b in itertools.pairwise(times))
-        if not times or not gaps:
-            continue
-        steady = gaps[len(gaps) // 2]
-        # A start is where the time jumps by more than twice the steady interval.
-        first = times[0][1] - steady
-        out.append(first)
-        out.extend(g - steady for g in gaps if g > 2 * steady)
-    return out
 
 
 def knobs(winner: dict) -> str:
@@ -198,15 +175,14 @@ def compare(results: dict[str, dict]) -> str:
             else f"{r['seconds'] / 60:.1f} min wall (load average {r['load']:.1f} on "
             f"{os.cpu_count()} cores)"
         )
-        overhead, phases = r["overhead"], r["phases"]
+        phases = r["phases"]
         lines.append(
             f"{r['name']:<7}: {len(r['trials'])} trials, {r['stopped']} stopped early, "
             f"{r['steps']} training steps, {wall}\n"
             f"         best: {w['trial_id']} ({knobs(w)}): val top1 {100 * w['final_top1']:.1f}%"
             + (
-                f"\n         {len(overhead)} trial starts, start-up overhead median "
-                f"{np.median(overhead):.1f} s (min {min(overhead):.1f}, max {max(overhead):.1f})"
-                if overhead
+                "\n         each trial start (a first start or a resume):"
+                if any(phases.values())
                 else ""
             )
             + "".join(

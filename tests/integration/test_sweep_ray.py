@@ -3,7 +3,7 @@
 `python jobs/sweep.py` runs on a run directory of real Parquet shards (solid-colour images
 captioned with their colour) with its own local Ray, under the default scheduler (synchronous
 successive halving). report.html is read while trials are still running; the driver is
-SIGKILLed once a trial has finished; rerunning the same command resumes the sweep. Then
+SIGKILLed once a rung has been judged; rerunning the same command resumes the sweep. Then
 everything a user reads is checked: the rung decisions, the leaderboard, report.html and its
 PNGs, the TensorBoard hparams sessions, the exported winner (against its checkpoint), the
 evaluation and summary.json.
@@ -83,8 +83,12 @@ def _histories(run: Path) -> dict[str, list[dict]]:
     return out
 
 
-def _kill_when_a_trial_ended(run: Path, log: Path) -> tuple[dict[str, list[dict]], str]:
-    """Start the sweep, SIGKILL its driver once a trial has ended (and Tune saved its state).
+def _judged(history: list[dict]) -> list[dict]:
+    return [r for r in history if r.get("event") in ("promoted", "stopped")]
+
+
+def _kill_when_a_rung_is_judged(run: Path, log: Path) -> tuple[dict[str, list[dict]], str]:
+    """Start the sweep, SIGKILL its driver once a rung is judged (and Tune saved its state).
 
     Returns the histories at the kill and report.html as read while the sweep was running."""
     with log.open("w") as out:
@@ -101,14 +105,14 @@ def _kill_when_a_trial_ended(run: Path, log: Path) -> tuple[dict[str, list[dict]
             ended = [h for h in histories.values() if any("end" in r for r in h)]
             if live_page is None and report.exists() and len(ended) < len(histories):
                 live_page = report.read_text()
-            if ended and ended_at is None:
+            if any(_judged(h) for h in histories.values()) and ended_at is None:
                 ended_at = time.monotonic()
             # Tune writes its experiment state every few seconds: give it time to record it.
             if ended_at is not None and time.monotonic() - ended_at > 12:
                 break
             time.sleep(1)
         assert proc.poll() is None, f"the sweep ended before it could be killed:\n{log.read_text()}"
-        assert ended_at is not None, f"no trial ended in time:\n{log.read_text()[-3000:]}"
+        assert ended_at is not None, f"no rung judged in time:\n{log.read_text()[-3000:]}"
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies; its local Ray goes with it
         proc.wait()
         return _histories(run), live_page
@@ -122,7 +126,7 @@ def _kill_when_a_trial_ended(run: Path, log: Path) -> tuple[dict[str, list[dict]
 @pytest.fixture(scope="module")
 def swept(run_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    before, live_page = _kill_when_a_trial_ended(run_dir, logs / "killed.log")
+    before, live_page = _kill_when_a_rung_is_judged(run_dir, logs / "killed.log")
     done = subprocess.run(_command(run_dir), capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"before": before, "stdout": done.stdout, "live_page": live_page}
@@ -140,9 +144,15 @@ def test_report_is_readable_while_the_sweep_runs(swept):
 def test_resume_keeps_finished_trials_and_completes_the_rest(run_dir, swept):
     before, after = swept["before"], _histories(run_dir)
     assert len(after) == 4
-    finished_before = [t for t, h in before.items() if any("end" in r for r in h)]
-    assert finished_before
+    # A rung judged before the kill is not judged again after it: each trial has one decision
+    # per rung, and those taken before the kill stand.
+    judged_before = {(t, r["rung"]): r["event"] for t, h in before.items() for r in _judged(h)}
+    assert judged_before
+    judged_after = [(t, r["rung"], r["event"]) for t, h in after.items() for r in _judged(h)]
+    assert len(judged_after) == len({(t, rung) for t, rung, _ in judged_after})
+    assert all(judged_before.get((t, rung), event) == event for t, rung, event in judged_after)
     # A trial that had finished is not trained again: its history is as it was at the kill.
+    finished_before = [t for t, h in before.items() if any("end" in r for r in h)]
     assert all(after[t] == before[t] for t in finished_before)
     # Trials paused at a rung were resumed from their checkpoints: more than one start each.
     starts = {t: sum("params" in r for r in h) for t, h in after.items()}
