@@ -60,6 +60,7 @@ ALIASES = {
     "workers-per-trial": "train.num_workers",
     "cpus-per-trial-worker": "train.cpus_per_worker",
     "max-concurrent": "sweep.max_concurrent_trials",
+    "report-every": "sweep.report_every_s",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -1,6 +1,6 @@
 """Sweep stage: Ray Tune over temperature, batch size and lr on a prepared run directory.
 
-Trials share RUN/data/shards; ASHA stops the weak ones early on zero-shot top-1 measured on a
+Trials share RUN/data/shards; the scheduler stops the weak ones early on zero-shot top-1 on a
 small held-out folder. The best trial is exported to RUN/model and evaluated; RUN/sweep holds
 report.html, TensorBoard hparams and the leaderboard. Rerun the same command to resume a
 sweep whose driver died.

@@ -162,22 +162,23 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A Ray Tune sweep of the contrastive knobs, early-stopped by ASHA on zero-shot accuracy.
+    """A Ray Tune sweep of the contrastive knobs, early-stopped at rungs on zero-shot accuracy.
 
     Each axis sets one training field (temperatures: train.init_temperature, learn_temperature:
     train.learn_temperature, batch_sizes: train.global_batch_size, the lr rule or lrs: train.lr,
     seeds: train.seed; max_steps: train.max_steps); every other training field is the run's
-    train section, the same for every trial. Every trial trains `max_steps` steps unless ASHA
-    stops it at a rung (grace_period, grace_period * reduction_factor, ...); zero-shot top-1 on
-    a small held-out image folder is measured every train.zeroshot_every_steps, so rungs should
-    fall on multiples of it.
+    train section, the same for every trial. Every trial trains `max_steps` steps unless the
+    scheduler stops it at a rung (grace_period, grace_period * reduction_factor, ...);
+    zero-shot top-1 on a small held-out image folder is measured every
+    train.zeroshot_every_steps, so rungs fall on multiples of it.
     """
 
     # The search space. A list is a grid axis (grid) or a choice (random, optuna). The grid runs
-    # in the order listed, the temperatures outermost, every batch size for each. One trial at a
-    # time, ASHA judges each trial at a rung against those that reached it before, so the first
-    # trial always runs to the end: list your best guess first, and trials that trail it stop
-    # at the first rung.
+    # in the order listed, the temperatures outermost, every batch size for each. With the
+    # default scheduler (halving) the order changes only when trials run, not what is decided.
+    # With --scheduler asha and one trial at a time, ASHA judges each trial at a rung against
+    # those that reached it before, so the first trial always runs to the end: list your best
+    # guess first.
     # The demo's: fixed temperatures (the axis is then exactly the temperature; learned ones
     # drift toward each other within a short trial), its guess 0.1 first.
     temperatures: tuple[float, ...] = (0.1, 0.03, 0.3)
@@ -196,14 +197,25 @@ class SweepConfig:
     # grid, random or optuna
     search: str = field(default="grid", metadata=choices("grid", "random", "optuna"))
     num_samples: int = 1  # trials drawn by random/optuna search; grid: repeats of the grid
-    # Early stopping.
-    scheduler: str = "asha"  # asha, or none to run every trial to the end
+    # Early stopping. halving: synchronous successive halving (pipeline.tune.scheduler): each
+    # trial pauses at a rung until all have reached it, then the rung is judged as a set, so
+    # the answer does not depend on the order of the lists (ASHA's does, with fewer slots than
+    # trials); a kept trial resumes from its checkpoint. asha: Tune's ASHA (no pauses: better
+    # when many trials run at once). none: every trial to the end.
+    scheduler: str = field(default="halving", metadata=choices("halving", "asha", "none"))
     max_steps: int = 150  # each trial's budget (ASHA's max_t)
     # Rungs at 30 and 90 steps (grace_period * reduction_factor^k); a trial past the last one
     # runs to max_steps. On the demo top-1 is at chance (1/64) until about step 20, so an
     # earlier first rung would rank noise.
     grace_period: int = 30
-    reduction_factor: int = 3  # ASHA keeps the top third at each rung
+    reduction_factor: int = 3  # the top third goes on at each rung
+    # halving: a trial below the rung's cutoff is kept when within this many standard errors of
+    # the probe (binomial on its images) of it: a gap smaller than the probe's noise is not
+    # evidence. 0: the plain top third.
+    keep_within_se: float = 1.0
+    # Seconds between rewrites of report.html and the hparams runs while trials report (also
+    # rewritten at once when a trial pauses or ends); a render holds the driver a second or two.
+    report_every_s: float = 10.0
     # The Tune function only waits on its trainer, yet holds a slot in the cluster.
     driver_cpus_per_trial: float = 0.05
     # Kept free per trial for its Ray Data read and decode tasks, so the next trial's workers

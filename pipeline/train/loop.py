@@ -104,6 +104,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from open_clip_train.scheduler import cosine_lr
 
+    # Wall-clock marks of this start (a first start or a resume), sent with its first report: a
+    # sweep's benchmark splits a trial's start-up with them (epoch seconds, this node's clock).
+    startup, startup_sent = {"start_loop_at": time.time()}, False
     cfg = from_dict(TrainConfig, config["train"])
     # open_clip gathers with torch.distributed.nn.all_gather, which torch now warns about on
     # every call: one line per step per worker would bury the training log.
@@ -191,6 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_size=per_worker_batch, prefetch_batches=4
         )
     )
+    startup["start_ready_at"] = time.time()  # model, checkpoint, probe and data plan ready
     window = {"samples": 0, "seconds": 0.0, "wait": 0.0}
     totals = {"samples": 0, "seconds": 0.0, "wait": 0.0}
     loss_value, grad_norm = float("nan"), float("nan")
@@ -199,6 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step < total_steps:
         batch = next(batches)
         waited = time.perf_counter() - tick
+        startup.setdefault("start_first_batch_at", time.time())
         images = batch["image"].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
         texts = batch["tokens"].to(device, non_blocking=True)
         lr = scheduler(step)
@@ -243,9 +248,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         zeroshot_due = cfg.zeroshot_every_steps and step % cfg.zeroshot_every_steps == 0
         if report_now or (config.get("zeroshot_dataset") and zeroshot_due):
             run_metrics = _metrics(epoch, loss_value, unwrapped, lr, grad_norm, totals)
-            metrics = {"step": step, **run_metrics}
+            metrics = {"step": step, **run_metrics, **(startup if not startup_sent else {})}
+            startup_sent = True  # the marks go with the first report after this start only
             if zeroshot_top1 is not None:
                 metrics["zeroshot_top1"] = zeroshot_top1
+                if probe is not None:
+                    # The probe's size: a sweep's rungs read top-1's binomial standard error.
+                    metrics["zeroshot_images"] = len(probe.labels_N)
             state = None
             if rank == 0 and report_now:  # every rank holds the same weights; one copy is enough
                 state = {

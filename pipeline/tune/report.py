@@ -24,17 +24,23 @@ CURVES_PNG = "curves.png"
 REPORT_HTML = "report.html"
 LEADERBOARD_JSON = "leaderboard.json"
 TENSORBOARD = "tensorboard"  # RUN/sweep/tensorboard/<trial>: the hparams sessions
+STOP_KEYS = ("rung", "value", "cutoff", "se", "bar")
 
 
 # -- reading a sweep ---------------------------------------------------------------------------
 def read_trial(history: Path, max_steps: int) -> dict[str, Any]:
     """One trial from its history.jsonl: knobs, reports (one per step, the latest kept), status.
 
-    status: completed (reached max_steps), stopped (ended early: ASHA cut it), error, or
-    running (no end recorded: still running, or the driver died and a rerun will resume it).
+    status: completed (reached max_steps), stopped (ended early: its scheduler cut it), error,
+    paused (waiting at a rung for the other trials), or running (no end recorded: still
+    running, or the driver died and a rerun will resume it). events: the scheduler's pauses,
+    promotions, stops and resumes, each with its step (and at a judged rung the trial's value,
+    the cutoff, the probe's standard error and the bar it had to reach).
     """
     params, hparams, end, trial_id = {}, {}, None, history.parent.name
     by_step: dict[int, dict[str, Any]] = {}
+    events: list[dict[str, Any]] = []
+    waiting = False
     for line in history.read_text().splitlines():
         if not line.strip():
             continue
@@ -42,9 +48,13 @@ def read_trial(history: Path, max_steps: int) -> dict[str, Any]:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a killed driver
             continue
-        if "params" in record:
+        if "event" in record:
+            events.append(record)
+            waiting = record["event"] in ("paused", "promoted")
+        elif "params" in record:
             params, hparams = record["params"], record.get("hparams", {})
             trial_id = record.get("trial_id", trial_id)
+            waiting = False
         elif "end" in record:
             end = record["end"]
         elif "step" in record:
@@ -58,8 +68,11 @@ def read_trial(history: Path, max_steps: int) -> dict[str, Any]:
         status = "completed"
     elif end == "complete":
         status = "stopped"
+    elif waiting:
+        status = "paused"
     else:
         status = "running"
+    stop = next((e for e in reversed(events) if e["event"] == "stopped"), None)
     scored = [r for r in reports if r.get(METRIC) is not None]
     checkpoints = [r["checkpoint_path"] for r in reports if r.get("checkpoint_path")]
     last = reports[-1] if reports else {}
@@ -76,6 +89,9 @@ def read_trial(history: Path, max_steps: int) -> dict[str, Any]:
         # The learned temperature where it ended (1 / logit scale).
         "final_temperature": 1.0 / last["logit_scale"] if last.get("logit_scale") else None,
         "checkpoint": checkpoints[-1] if checkpoints else None,
+        # The rung decision that stopped it: its value there and the bar it missed.
+        "stopped_at": None if stop is None else {k: stop.get(k) for k in STOP_KEYS},
+        "events": events,
         "history": reports,
     }
 
@@ -121,8 +137,15 @@ def _num(value: float | None, fmt: str) -> str:
 
 LEADERBOARD_COLUMNS = (
     "#", "trial", "temp", "learn", "batch", "lr", "seed", "steps", "status", "top1", "best",
-    "end temp", "loss",
+    "end temp", "loss", "stopped: top1 < bar",
 )  # fmt: skip
+
+
+def _missed(t: dict[str, Any]) -> str:
+    stop = t.get("stopped_at")
+    if not stop:
+        return "-"
+    return f"@{stop['rung']}: {_pct(stop['value'])} < {_pct(stop['bar'])}"
 
 
 def leaderboard_rows(trials: list[dict[str, Any]]) -> list[list[str]]:
@@ -144,6 +167,7 @@ def leaderboard_rows(trials: list[dict[str, Any]]) -> list[list[str]]:
                 _pct(t["best_top1"]),
                 _num(t["final_temperature"], ".3g"),
                 _num(t["final_loss"], ".3f"),
+                _missed(t),
             ]
         )
     return rows
@@ -157,7 +181,10 @@ def format_leaderboard(trials: list[dict[str, Any]], sweep_dir: str | Path | Non
     lines.insert(1, "  ".join("-" * w for w in widths))
     stopped = sum(t["status"] == "stopped" for t in trials)
     spent = sum(t["steps"] for t in trials)
-    head = f"{len(trials)} trials, {stopped} stopped early by ASHA, {spent} training steps"
+    paused = sum(t["status"] == "paused" for t in trials)
+    head = f"{len(trials)} trials, {stopped} stopped early, {spent} training steps"
+    if paused:
+        head += f", {paused} paused at a rung"
     if sweep_dir is not None:
         head = f"sweep {sweep_dir}: {head}"
     best = winner(trials)
@@ -216,7 +243,9 @@ def plot_heatmap(trials: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_curves(trials: list[dict[str, Any]], path: Path) -> Path:
-    """Zero-shot top-1 and loss against step for every trial; x where ASHA stopped one."""
+    """Zero-shot top-1 and loss against step for every trial, with the scheduler's decisions:
+    a hollow circle where a trial was paused at a rung, a triangle where it was promoted, an x
+    where it was stopped (ASHA's stops, which leave no event, at the trial's last probe)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2))
@@ -229,13 +258,30 @@ def plot_curves(trials: list[dict[str, Any]], path: Path) -> Path:
         (line,) = acc_ax.plot(steps, [100 * r[METRIC] for r in scored], marker=".", label=label)
         colour = line.get_color()
         losses = [r for r in t["history"] if r.get("loss") is not None]
-        loss_ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], color=colour)
-        if t["status"] == "stopped" and scored:
+        # Dots too: a live sweep's trials may have one report so far, which a line does not show.
+        loss_ax.plot(
+            [r["step"] for r in losses], [r["loss"] for r in losses], color=colour, marker="."
+        )
+        at = {r["step"]: 100 * r[METRIC] for r in scored}
+        marks = {
+            "paused": ("o", 9, "none"),
+            "promoted": ("^", 8, colour),
+            "stopped": ("x", 11, colour),
+        }
+        for e in t.get("events", []):
+            if e["event"] in marks and e.get("rung", e.get("step")) in at:
+                marker, size, face = marks[e["event"]]
+                step = e.get("rung", e.get("step"))
+                acc_ax.plot(step, at[step], marker, color=colour, markerfacecolor=face,
+                            markersize=size, markeredgewidth=2)  # fmt: skip
+        if t["status"] == "stopped" and scored and not t.get("stopped_at"):
             acc_ax.plot(
                 steps[-1], 100 * scored[-1][METRIC], "x", color=colour,
                 markersize=11, markeredgewidth=2.5,
             )  # fmt: skip
-    acc_ax.plot([], [], "kx", markersize=9, label="stopped by ASHA")
+    acc_ax.plot([], [], "ko", markerfacecolor="none", markersize=8, label="paused at a rung")
+    acc_ax.plot([], [], "k^", markersize=8, label="promoted")
+    acc_ax.plot([], [], "kx", markersize=9, label="stopped")
     acc_ax.set_xlabel("step")
     acc_ax.set_ylabel("zero-shot top-1 on the validation folder (%)")
     acc_ax.legend(fontsize=7, loc="best")
@@ -253,7 +299,9 @@ def write_hparams(trials: list[dict[str, Any]], tb_dir: Path) -> Path:
     from tensorboardX import SummaryWriter
     from tensorboardX.summary import hparams
 
+    final_dir, tb_dir = tb_dir, tb_dir.with_name(tb_dir.name + ".new")
     shutil.rmtree(tb_dir, ignore_errors=True)
+    tb_dir.mkdir(parents=True)
     for t in trials:
         if not t["hparams"]:
             continue
@@ -277,7 +325,14 @@ def write_hparams(trials: list[dict[str, Any]], tb_dir: Path) -> Path:
             # The HPARAMS tab reads each metric as the run's scalar of that tag.
             for name, value in metrics.items():
                 writer.add_scalar(name, value, t["steps"])
-    return tb_dir
+    # Rewritten whole as the sweep runs: the new set replaces the old in two renames.
+    old = final_dir.with_name(final_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final_dir.exists():
+        final_dir.rename(old)
+    tb_dir.rename(final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final_dir
 
 
 # -- report.html --------------------------------------------------------------------------------
@@ -291,6 +346,32 @@ def _html_table(trials: list[dict[str, Any]], best: dict[str, Any] | None) -> st
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _decisions_html(trials: list[dict[str, Any]]) -> str:
+    """The rung decisions: each trial's top-1 there, the cutoff, the probe's standard error and
+    the bar (cutoff minus the kept margin) that decided whether it went on."""
+    rows = []
+    for t in trials:
+        for e in t.get("events", []):
+            if e["event"] in ("promoted", "stopped"):
+                cells = [t["trial_id"], str(e["rung"]), _pct(e["value"]), _pct(e["cutoff"]),
+                         _pct(e["se"]), _pct(e["bar"]), e["event"]]  # fmt: skip
+                rows.append((e["rung"], -e["value"], cells))
+    if not rows:
+        return ""
+    head = "".join(
+        f"<th>{c}</th>" for c in ("trial", "rung", "top1", "cutoff", "probe SE", "bar", "decision")
+    )
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        for _, _, cells in sorted(rows, key=lambda r: r[:2])
+    )
+    return (
+        "<h2>Rung decisions</h2><p>A trial goes on when its top-1 at the rung is at least the bar: "
+        "the cutoff (the top 1/reduction-factor) less the probe's standard error.</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    )
+
+
 def write_report(sweep_dir: str | Path) -> dict[str, Any]:
     """Write report.html with its PNGs, the hparams runs and leaderboard.json; return a summary."""
     sweep_dir = Path(sweep_dir)
@@ -301,6 +382,8 @@ def write_report(sweep_dir: str | Path) -> dict[str, Any]:
     write_hparams(trials, sweep_dir / TENSORBOARD)
     sweep = config["sweep"]
     stopped = sum(t["status"] == "stopped" for t in trials)
+    paused = sum(t["status"] == "paused" for t in trials)
+    running = sum(t["status"] == "running" for t in trials)
     spent = sum(t["steps"] for t in trials)
     winner_line = (
         f"Winner: <b>{html.escape(best['trial_id'])}</b> "
@@ -319,9 +402,11 @@ tr.winner {{ background: #e6f4e6; font-weight: bold; }}
 </style></head><body>
 <h1>Sweep report</h1>
 <p>{len(trials)} trials ({sweep["search"]} search, {sweep["scheduler"]} scheduler),
-{stopped} stopped early, {spent} training steps in all (at most {sweep["max_steps"]} each).
+{stopped} stopped early, {paused} paused at a rung, {running} running,
+{spent} training steps in all (at most {sweep["max_steps"]} each).
 Ranked by zero-shot top-1 on the validation folder {html.escape(config["val_dataset"])}.</p>
 <p>{winner_line}</p>
+{_decisions_html(trials)}
 <h2>Best accuracy by initial temperature and batch size</h2>
 <img src="{HEATMAP_PNG}" alt="heatmap of the best zero-shot top-1">
 <h2>Learning curves</h2>
@@ -347,7 +432,9 @@ Ranked by zero-shot top-1 on the validation folder {html.escape(config["val_data
         if best is None
         else {k: best[k] for k in ("trial_id", "params", "hparams", "steps", "final_top1")}
         | {"checkpoint": best["checkpoint"]},
-        "leaderboard": [{k: v for k, v in t.items() if k != "history"} for t in trials],
+        "leaderboard": [
+            {k: v for k, v in t.items() if k not in ("history", "events")} for t in trials
+        ],
     }
     write_json_atomic(sweep_dir / LEADERBOARD_JSON, summary)
     return summary

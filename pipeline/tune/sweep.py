@@ -1,11 +1,13 @@
-"""Ray Tune sweeps of temperature, batch size and learning rate, early-stopped by ASHA.
+"""Ray Tune sweeps of temperature, batch size and learning rate, early-stopped at rungs.
 
 Each trial is a Tune function that builds a TorchTrainer (Train V2: the trial holds a sliver
 of CPU and waits, the trainer's workers hold the rest) over the run's Parquet shards, so trials
 share the prepared data. The trainer measures zero-shot top-1 on a small held-out folder every
-few steps and TuneReportCallback forwards its reports, so ASHA ranks trials on that signal.
-The sweep lives in RUN/sweep: Tune's experiment state (a rerun resumes it), one folder per
-trial with its Ray Train storage and a history.jsonl the driver appends to, and the report.
+few steps and TuneReportCallback forwards its reports, so the scheduler ranks trials on that
+signal: synchronous successive halving by default (pipeline.tune.scheduler: the same decisions
+whatever the order of the lists), or ASHA. The sweep lives in RUN/sweep: Tune's experiment
+state (a rerun resumes it), one folder per trial with its Ray Train storage and a history.jsonl
+the driver appends to, and the report, rewritten as trials report.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +27,18 @@ from pipeline.config import SweepConfig, TrainConfig, from_dict
 
 # METRIC: what ASHA and the leaderboard rank by (0..1); HISTORY: per trial, its knobs, then one
 # line per report, then its end; CONFIG_FILE: the sweep and training configs, for the export.
-from pipeline.tune.report import CONFIG_FILE, HISTORY, METRIC, write_report
+from pipeline.tune.report import CONFIG_FILE, METRIC, write_report
+from pipeline.tune.scheduler import PROBE_SIZE, append_history
 
 SEARCHES = ("grid", "random", "optuna")
 WORKER_START_TIMEOUT_S = 900  # how long a trial's workers may wait for CPUs to free up
-SCHEDULERS = ("asha", "none")
+# halving: synchronous successive halving, the same decisions whatever the trials' order;
+# asha: Tune's asynchronous one (judges a trial against those that reached the rung before it).
+SCHEDULERS = ("halving", "asha", "none")
 LR_RULES = ("linear", "sqrt", "swept")
 # The reported metrics a trial's history keeps (the rest of Tune's result is bookkeeping).
-KEPT = ("step", "epoch", METRIC, "loss", "logit_scale", "lr", "samples_per_second")
+KEPT = ("step", "epoch", METRIC, PROBE_SIZE, "loss", "logit_scale", "lr", "samples_per_second",
+        "start_loop_at", "start_ready_at", "start_first_batch_at")  # fmt: skip
 
 
 # -- the search space -------------------------------------------------------------------------
@@ -95,11 +102,23 @@ def check_sweep(sweep: SweepConfig, train: TrainConfig, num_samples: int | None 
         fail("max_steps must be at least 1")
     if train.zeroshot_every_steps < 1:
         fail("trials are ranked by zero-shot top-1: train.zeroshot_every_steps must be >= 1")
-    if sweep.scheduler == "asha":
+    if sweep.scheduler in ("halving", "asha"):
         if not 0 < sweep.grace_period < sweep.max_steps:
-            fail(f"ASHA's grace period {sweep.grace_period} must be in 1..max_steps-1")
+            fail(f"the grace period {sweep.grace_period} must be in 1..max_steps-1")
         if sweep.reduction_factor < 2:
-            fail("ASHA's reduction factor must be at least 2")
+            fail("the reduction factor must be at least 2")
+    if sweep.scheduler == "halving":
+        if sweep.grace_period % train.zeroshot_every_steps:
+            # Rungs are multiples of the grace period: each then falls on a probe, so every
+            # trial is judged on its top-1 at the same step.
+            fail(
+                f"the grace period {sweep.grace_period} must be a multiple of the probe "
+                f"interval {train.zeroshot_every_steps} (rungs are judged on probes)"
+            )
+        if sweep.keep_within_se < 0:
+            fail("keep_within_se must not be negative")
+    if sweep.report_every_s < 0:
+        fail("report_every_s must not be negative")
     # Every knob combination must make a valid training config (e.g. a temperature of at
     # least 1/max_logit_scale): refused here, not in a trial minutes later.
     from pipeline.train.loop import check_config
@@ -140,6 +159,16 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
     if sweep.lr_rule == "swept":
         space["lr"] = axis(list(sweep.lrs))
     return space
+
+
+def expected_trials(sweep: SweepConfig) -> int:
+    """How many trials the sweep makes: the grid's size times its repeats, or num_samples."""
+    if sweep.search != "grid":
+        return sweep.num_samples
+    axes = [sweep.temperatures, sweep.learn_temperature, sweep.batch_sizes, sweep.seeds]
+    if sweep.lr_rule == "swept":
+        axes.append(sweep.lrs)
+    return math.prod(len(a) for a in axes) * sweep.num_samples
 
 
 def trial_hparams(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
@@ -262,10 +291,7 @@ class TrialHistory(Callback):
         self.sweep = sweep
 
     def _append(self, trial, record: dict[str, Any]) -> None:
-        path = Path(self.sweep_dir) / trial_dirname(trial) / HISTORY
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        append_history(self.sweep_dir, trial_dirname(trial), record)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         hparams = trial_hparams(from_dict(SweepConfig, self.sweep), trial.config)
@@ -286,6 +312,43 @@ class TrialHistory(Callback):
         self._append(trial, {"end": "error", "error": str(trial.error_file or "")})
 
 
+class LiveReport(Callback):
+    """Rewrites report.html, its PNGs, leaderboard.json and the hparams runs as trials report.
+
+    At most every `every_s` seconds on reports (a render takes a second or two of the driver's
+    loop), and at once when a trial is paused, ends or fails, so `--show` and a browser refresh
+    follow the sweep. Runs after TrialHistory, whose lines it reads.
+    """
+
+    def __init__(self, sweep_dir: str, every_s: float):
+        self.sweep_dir, self.every_s = sweep_dir, every_s
+        self._last = 0.0
+
+    def _write(self, force: bool) -> None:
+        if not force and time.monotonic() - self._last < self.every_s:
+            return
+        try:
+            write_report(self.sweep_dir)
+        except Exception as err:  # a dashboard must never fail the sweep
+            print(f"[sweep] the live report could not be written: {err}")
+        self._last = time.monotonic()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._write(force=False)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._write(force=False)
+
+    def on_trial_save(self, iteration, trials, trial, **info):
+        self._write(force=True)  # a pause (Tune saves a trial before it pauses it)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._write(force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._write(force=True)
+
+
 class TrialScalarsOnly(TBXLoggerCallback):
     """Tune's per-trial TensorBoard scalars, without its hparams entry.
 
@@ -299,11 +362,40 @@ class TrialScalarsOnly(TBXLoggerCallback):
 
 
 # -- running a sweep --------------------------------------------------------------------------
-def _tuner_config(sweep: SweepConfig, concurrency: int):
+def _tuner_config(sweep: SweepConfig, concurrency: int, sweep_dir: Path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from pipeline.tune.scheduler import RungAwareLimiter, RungAwareVariants, SuccessiveHalving
+
+    seed = sweep.seeds[0]
+    if sweep.scheduler == "halving":
+        halving = SuccessiveHalving(
+            metric=METRIC,
+            max_t=sweep.max_steps,
+            grace_period=sweep.grace_period,
+            reduction_factor=sweep.reduction_factor,
+            se_multiple=sweep.keep_within_se,
+            expected_trials=expected_trials(sweep),
+            concurrency=concurrency,
+            sweep_dir=str(sweep_dir),
+            trial_dirname=trial_dirname,
+        )
+        if sweep.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = RungAwareLimiter(OptunaSearch(seed=seed), concurrency, halving)
+        else:
+            search_alg = RungAwareVariants(halving, random_state=seed, max_concurrent=concurrency)
+        return tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            scheduler=halving,
+            search_alg=search_alg,
+            num_samples=sweep.num_samples,
+            trial_dirname_creator=trial_dirname,
+        )
     if sweep.scheduler == "asha":
         # time_attr is the training step the trainer reports, so rungs are in steps.
         scheduler = ASHAScheduler(
@@ -314,7 +406,6 @@ def _tuner_config(sweep: SweepConfig, concurrency: int):
         )
     else:
         scheduler = FIFOScheduler()
-    seed = sweep.seeds[0]
     if sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -381,11 +472,15 @@ def run_sweep(
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(sweep),
-            tune_config=_tuner_config(sweep, concurrency),
+            tune_config=_tuner_config(sweep, concurrency, sweep_dir),
             run_config=tune.RunConfig(
                 name=sweep_dir.name,
                 storage_path=str(sweep_dir.parent),
-                callbacks=[TrialHistory(str(sweep_dir), context["sweep"]), TrialScalarsOnly()],
+                callbacks=[
+                    TrialHistory(str(sweep_dir), context["sweep"]),
+                    LiveReport(str(sweep_dir), sweep.report_every_s),
+                    TrialScalarsOnly(),
+                ],
                 verbose=1,
             ),
         )

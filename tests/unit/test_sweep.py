@@ -23,7 +23,8 @@ from pipeline.tune.sweep import (
     trial_train_config,
 )
 
-TRAIN = TrainConfig(num_workers=2, cpus_per_worker=0.5)
+# Probes every 30 steps, as in the demo's trials: the default rungs (30, 90) fall on probes.
+TRAIN = TrainConfig(num_workers=2, cpus_per_worker=0.5, zeroshot_every_steps=30)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -138,23 +139,46 @@ def test_optuna_missing_is_a_clear_error(monkeypatch):
         check_sweep(sweep(search="optuna"), TRAIN)
 
 
-def test_search_and_scheduler_selection():
+def test_search_and_scheduler_selection(tmp_path):
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    grid = _tuner_config(sweep(), concurrency=2)
-    assert isinstance(grid.search_alg, BasicVariantGenerator)
-    # Tune ignores max_concurrent_trials for a search algorithm passed in: the limit is its own.
-    assert grid.search_alg.max_concurrent == 2
-    assert isinstance(grid.scheduler, AsyncHyperBandScheduler)
+    from pipeline.tune.scheduler import RungAwareLimiter, RungAwareVariants, SuccessiveHalving
+
+    # The default: synchronous successive halving over the whole grid (3 x 2 here), its
+    # generator limited to 2 unpaused trials at once.
+    grid = _tuner_config(sweep(), concurrency=2, sweep_dir=tmp_path)
+    assert isinstance(grid.scheduler, SuccessiveHalving)
+    assert isinstance(grid.search_alg, RungAwareVariants)
+    assert grid.search_alg.max_concurrent == 2 and grid.scheduler.concurrency == 2
+    assert grid.scheduler.expected_trials == 6 and grid.scheduler.rungs == [30, 90]
     assert (grid.metric, grid.mode) == ("zeroshot_top1", "max")
-    optuna = _tuner_config(sweep(search="optuna", scheduler="none", num_samples=6), 3)
+    asha = _tuner_config(sweep(scheduler="asha"), concurrency=2, sweep_dir=tmp_path)
+    assert isinstance(asha.search_alg, BasicVariantGenerator)
+    # Tune ignores max_concurrent_trials for a search algorithm passed in: the limit is its own.
+    assert asha.search_alg.max_concurrent == 2
+    assert isinstance(asha.scheduler, AsyncHyperBandScheduler)
+    optuna = _tuner_config(sweep(search="optuna", scheduler="none", num_samples=6), 3, tmp_path)
     assert isinstance(optuna.search_alg, OptunaSearch)
     assert optuna.max_concurrent_trials == 3 and optuna.num_samples == 6
     assert isinstance(optuna.scheduler, FIFOScheduler)
-    rand = _tuner_config(sweep(search="random", num_samples=5), 1)
+    halving_optuna = _tuner_config(sweep(search="optuna", num_samples=6), 3, tmp_path)
+    assert isinstance(halving_optuna.search_alg, RungAwareLimiter)
+    assert halving_optuna.scheduler.expected_trials == 6
+    rand = _tuner_config(sweep(search="random", num_samples=5), 1, tmp_path)
     assert isinstance(rand.search_alg, BasicVariantGenerator) and rand.num_samples == 5
+
+
+def test_halving_rungs_fall_on_probes_and_margins_are_checked():
+    with pytest.raises(ValueError, match="grace period 25 must be a multiple of the probe"):
+        check_sweep(sweep(grace_period=25), TRAIN)
+    with pytest.raises(ValueError, match="keep_within_se must not be negative"):
+        check_sweep(sweep(keep_within_se=-1.0), TRAIN)
+    # ASHA judges whatever report comes first past a rung: no such constraint.
+    check_sweep(sweep(grace_period=25, scheduler="asha"), TRAIN)
+    for name in ("tiny", "demo", "datacomp-small"):
+        assert get_preset(name).sweep.scheduler == "halving"
 
 
 def test_concurrency_fits_whole_trials_into_the_cluster():

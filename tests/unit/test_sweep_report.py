@@ -128,10 +128,10 @@ def test_leaderboard_text(sweep_dir):
     _, trials = read_sweep(sweep_dir)
     text = format_leaderboard(trials, sweep_dir)
     lines = text.splitlines()
-    assert lines[0].endswith("6 trials, 2 stopped early by ASHA, 22 training steps")
+    assert lines[0].endswith("6 trials, 2 stopped early, 22 training steps")
     assert lines[1].split() == [
         "#", "trial", "temp", "learn", "batch", "lr", "seed", "steps", "status", "top1",
-        "best", "end", "temp", "loss",
+        "best", "end", "temp", "loss", "stopped:", "top1", "<", "bar",
     ]  # fmt: skip
     rows = [line.split() for line in lines[3:-1]]
     assert [r[1] for r in rows] == [t["trial_id"] for t in trials]
