@@ -172,12 +172,14 @@ def decode_group(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
     table = read_group(item, ["jpg", "tokens"])
     steps = train_transform(image_size)
     images = []
-    # torchvision draws its crops from torch's global generator: seeded from the plan item,
-    # a rerun (a resumed run, the same trial in another sweep) sees the same crops.
-    seed = np.random.SeedSequence([int(x) for x in item["seed"]]).generate_state(1)[0]
+    # torchvision draws its crops from torch's global generator: seeded from the plan item and
+    # the row's place in the group's permutation, a rerun (the same trial in another sweep) sees
+    # the same crops, and so does a run resumed mid-group, whose item starts at row `skip`.
+    item_seed, skip = [int(x) for x in item["seed"]], int(item["skip"])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        for jpg in table.column("jpg").to_pylist():
+        for i, jpg in enumerate(table.column("jpg").to_pylist()):
+            row_seed = np.random.SeedSequence([*item_seed, skip + i]).generate_state(1)[0]
+            torch.manual_seed(int(row_seed))
             image = Image.open(io.BytesIO(jpg))
             for step in steps:
                 image = step(image)
