@@ -21,6 +21,7 @@ from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
 from pipeline.config import SweepConfig, TrainConfig, from_dict
+from pipeline.faults import commit_point
 
 # METRIC: what ASHA and the leaderboard rank by (0..1); HISTORY: per trial, its knobs, then one
 # line per report, then its end; CONFIG_FILE: the sweep and training configs, for the export.
@@ -264,6 +265,7 @@ class TrialHistory(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(record, default=str) + "\n")
+        commit_point("sweep.history")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         hparams = trial_hparams(from_dict(SweepConfig, self.sweep), trial.config)

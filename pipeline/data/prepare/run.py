@@ -24,6 +24,7 @@ from pipeline.data.filters import Deduplicator, NearDuplicateIndex, hash_image_f
 from pipeline.data.prepare.chunks import Progress
 from pipeline.data.prepare.funnel import build_stats, plot_funnel
 from pipeline.data.prepare.inputs import INPUT_REASON
+from pipeline.faults import commit_point
 from pipeline.rundir import RunDir, write_json_atomic
 
 _STATE = ("stage", "reason", "error")
@@ -289,5 +290,7 @@ def run_prepare(
         "funnel_png": str(funnel_png),
     }
     plot_funnel(stats, funnel_png)
+    commit_point("prepare.funnel")
     write_json_atomic(run.stats_path, stats)
+    commit_point("prepare.stats")
     return stats
