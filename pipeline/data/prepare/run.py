@@ -24,6 +24,7 @@ from pipeline.data.filters import Deduplicator, NearDuplicateIndex, hash_image_f
 from pipeline.data.prepare.chunks import Progress
 from pipeline.data.prepare.funnel import build_stats, plot_funnel
 from pipeline.data.prepare.inputs import INPUT_REASON
+from pipeline.data.untrusted import printable
 from pipeline.faults import commit_point
 from pipeline.rundir import RunDir, write_json_atomic
 
@@ -289,8 +290,12 @@ def run_prepare(
         "stats": str(run.stats_path),
         "funnel_png": str(funnel_png),
     }
-    plot_funnel(stats, funnel_png)
-    commit_point("prepare.funnel")
     write_json_atomic(run.stats_path, stats)
     commit_point("prepare.stats")
+    try:
+        plot_funnel(stats, funnel_png)
+    except Exception as err:  # a chart is a view of stats.json: it never fails the stage
+        if log:
+            log(f"warning: funnel.png not drawn ({type(err).__name__}: {printable(err)})")
+    commit_point("prepare.funnel")
     return stats
