@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import PRESETS, PipelineConfig, get_preset  # noqa: E402
+from pipeline.lock import hold_run_dir  # noqa: E402
 from pipeline.pretrain import Pipeline, format_summary  # noqa: E402
 from pipeline.rundir import RunDir, StageConfigMismatch  # noqa: E402
 from pipeline.train.modeling import resolve_model_name  # noqa: E402
@@ -277,10 +278,11 @@ def run_job(
             stages = tuple("sweep" if s == "train" else s for s in stages)
             pipeline.model_stage = "sweep"
             pipeline.check_sweep(prepared="prepare" not in stages)
-        init_ray(args.address)
-        for stage in stages:
-            getattr(pipeline, stage)()
-        print(format_summary(pipeline.summary()))
+        with hold_run_dir(pipeline.run.root):  # one job per run dir (issue 15)
+            init_ray(args.address)
+            for stage in stages:
+                getattr(pipeline, stage)()
+            print(format_summary(pipeline.summary()))
     except (ValueError, FileNotFoundError, StageConfigMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -104,11 +104,13 @@ def run_dir_mode(args: argparse.Namespace) -> None:
     pipeline = build_pipeline(args)
     pipeline.cfg = dataclasses.replace(pipeline.cfg, eval=eval_overrides(pipeline.cfg.eval, args))
     pipeline.check_inputs()
-    init_ray(args.address)
-    pipeline.evaluate()
+    from pipeline.lock import hold_run_dir
     from pipeline.pretrain import format_summary
 
-    print(format_summary(pipeline.summary()))
+    with hold_run_dir(pipeline.run.root):  # one job per run dir
+        init_ray(args.address)
+        pipeline.evaluate()
+        print(format_summary(pipeline.summary()))
 
 
 def standalone(args: argparse.Namespace) -> dict:

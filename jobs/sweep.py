@@ -106,6 +106,7 @@ def main() -> None:
         group.add_argument(flag, type=kind, default=None, help=text)
     args = parser.parse_args()
     # After `common`, which puts the repository on sys.path for a Ray job's working dir.
+    from pipeline.lock import hold_run_dir
     from pipeline.pretrain import format_summary
     from pipeline.rundir import RunDir, StageConfigMismatch
     from pipeline.tune.report import format_leaderboard, read_sweep
@@ -128,12 +129,13 @@ def main() -> None:
         pipeline.model_stage = "sweep"
         pipeline.check_inputs()
         pipeline.check_sweep()  # shards, val folder, search space: before Ray starts
-        init_ray(args.address)
-        pipeline.sweep()
-        pipeline.evaluate()
-        print(format_summary(pipeline.summary()))
-        _, trials = read_sweep(pipeline.run.sweep)
-        print(format_leaderboard(trials, pipeline.run.sweep))
+        with hold_run_dir(pipeline.run.root):  # one job per run dir
+            init_ray(args.address)
+            pipeline.sweep()
+            pipeline.evaluate()
+            print(format_summary(pipeline.summary()))
+            _, trials = read_sweep(pipeline.run.sweep)
+            print(format_leaderboard(trials, pipeline.run.sweep))
     except (ValueError, FileNotFoundError, StageConfigMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
