@@ -59,6 +59,7 @@ class Pipeline:
         """Fail fast, before Ray starts, on what the user can fix: the URL list, the eval set."""
         from pipeline.data.prepare import read_url_list
         from pipeline.evaluate import load_image_folder
+        from pipeline.evaluate.datasets import check_images
 
         p = self.cfg.prepare
         if self.input_path is not None:
@@ -77,7 +78,7 @@ class Pipeline:
             load_image_folder(self.eval_dataset, self.cfg.eval.classnames, self.cfg.eval.templates)
         if self.val_dataset is not None:
             try:
-                load_image_folder(self.val_dataset)
+                check_images(load_image_folder(self.val_dataset))  # decoded, as the probe will
             except (ValueError, FileNotFoundError) as err:
                 raise type(err)(f"--val-dataset: {err}") from None
         from pipeline.train.loop import check_config

@@ -30,7 +30,11 @@ class RunDir:
 
     @classmethod
     def at(cls, path: str | os.PathLike) -> RunDir:
-        return cls(Path(path).expanduser().resolve())
+        root = Path(path).expanduser().resolve()
+        for p in (root, *root.parents):
+            if p.exists() and not p.is_dir():
+                raise ValueError(f"run directory {root}: {p} is a file, not a folder")
+        return cls(root)
 
     # Paths fixed by DESIGN.md.
     @property

@@ -26,6 +26,14 @@ from pipeline.data.img2dataset_modules import modules as _img2dataset
 
 __all__ = ["DEADLINE_FACTOR", "DownloadStage", "address_allowed", "fetch", "user_agent"]
 
+# What PIL may parse: the formats OpenCV (the Resizer's decoder) turns into pixels. The rest
+# of PIL's parsers (EPS hands files to Ghostscript; ICO, PSD, ...) are never run on fetched bytes.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # JPEG opens MPO too
+# Full-size decodes an actor runs at once, whatever its thread count: each may take up to
+# max_pixels x 4 bytes, so 64 fetching threads must not all decode large images together.
+FULL_DECODES = 4
+_FULL_DECODE = threading.BoundedSemaphore(FULL_DECODES)
+
 # Resizer silences stdout/stderr by swapping the process's file descriptors 1 and 2; two
 # threads doing that at once can leave them pointing at /dev/null for good.
 _RESIZER_LOCK = threading.Lock()
@@ -133,9 +141,12 @@ def _fast_resize(im: Image.Image, resizer: Any) -> tuple[bytes, int, int, Image.
 def _phash_of(body: bytes) -> str:
     from pipeline.data.filters import perceptual_hash
 
-    with Image.open(io.BytesIO(body)) as im:
-        im.draft("RGB", (64, 64))  # the hash looks at 32x32: no need for a full-size decode
-        return perceptual_hash(im)
+    with Image.open(io.BytesIO(body), formats=FORMATS) as im:
+        im.draft("RGB", (64, 64))  # the hash looks at 32x32: JPEGs decode at 1/8 scale
+        if im.format in ("JPEG", "MPO"):
+            return perceptual_hash(im)
+        with _FULL_DECODE:  # other formats decode at full size (within max_pixels)
+            return perceptual_hash(im)
 
 
 def process_image(
@@ -144,7 +155,7 @@ def process_image(
     """Validate downloaded bytes from their header, then resize them with img2dataset's
     semantics (reduced-scale JPEG decoding when ``cfg.fast_resize``); optionally the pHash."""
     try:
-        im = Image.open(io.BytesIO(body))  # parses the header only, decodes nothing
+        im = Image.open(io.BytesIO(body), formats=FORMATS)  # the header only, decodes nothing
         fmt, (width, height) = im.format, im.size
     except Image.DecompressionBombError as err:
         return ImageResult(reason="too_many_pixels", error=str(err))
@@ -169,7 +180,7 @@ def process_image(
             ow, oh = width, height
             phash = _perceptual_hash(decoded) if perceptual_hash else None
         else:
-            with _RESIZER_LOCK:
+            with _FULL_DECODE, _RESIZER_LOCK:
                 encoded, w, h, ow, oh, err = resizer(io.BytesIO(body))
             if err is not None or encoded is None:
                 return ImageResult(reason="decode_error", error=str(err))

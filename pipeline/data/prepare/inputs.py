@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import math
 import os
@@ -31,7 +32,15 @@ MALFORMED = "malformed_row"  # a CSV/TSV line that is no row: rejected at input,
 
 
 def _list_inputs(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    fs, _, (root,) = fsspec.get_fs_token_paths(path)
+    fs, _, paths = fsspec.get_fs_token_paths(path)  # a glob pattern expands to its matches
+    if glob.has_magic(path):
+        files = sorted(f for f in paths if os.path.splitext(f)[1].lower() in READERS)
+        if not files:
+            raise FileNotFoundError(
+                f"URL list {path!r} matches no {'/'.join(sorted(READERS))} files"
+            )
+        return fs, files
+    (root,) = paths
     if not fs.exists(root):
         raise FileNotFoundError(f"URL list {path!r} does not exist")
     if fs.isdir(root):
