@@ -244,6 +244,12 @@ def run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     trainer.fit()
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def trial_dirname(trial) -> str:
     # Short and stable: trial ids are unique in an experiment and survive a restore.
     return f"trial_{trial.trial_id}"
@@ -263,8 +269,13 @@ class TrialHistory(Callback):
     def _append(self, trial, record: dict[str, Any]) -> None:
         path = Path(self.sweep_dir) / trial_dirname(trial) / HISTORY
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        with path.open("ab") as f:
+            # A driver killed mid-line leaves a torn tail: the next record starts a line of its
+            # own, or it would be glued to the fragment and lost with it.
+            torn = f.tell() > 0 and not _ends_with_newline(path)
+            f.write(
+                ("\n" if torn else "").encode() + json.dumps(record, default=str).encode() + b"\n"
+            )
         commit_point("sweep.history")
 
     def on_trial_start(self, iteration, trials, trial, **info):
