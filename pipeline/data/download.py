@@ -2,7 +2,7 @@
 
 Failures carry a short machine-readable ``reason`` (counted in stats.json): those of
 pipeline.data.fetch, and not_an_image, too_many_pixels, truncated_image, decode_error,
-internal_error.
+internal_error, worker_crash (a batch that killed its download actor twice).
 """
 
 from __future__ import annotations
@@ -223,8 +223,9 @@ class DownloadStage:
     stage="download", its reason and error, and jpg=None.
     """
 
-    def __init__(self, config: dict, perceptual_hashes: bool = False):
+    def __init__(self, config: dict, perceptual_hashes: bool = False, ledger: Any = None):
         self.cfg = from_dict(DownloadConfig, config)
+        self.ledger = ledger  # a CrashLedger actor: batches that killed their actor before
         self.perceptual_hashes = perceptual_hashes
         _networks(self.cfg.allowed_networks)  # a malformed CIDR fails here, not once per row
         self.resizer = make_resizer(self.cfg)
@@ -251,7 +252,20 @@ class DownloadStage:
             if col not in out.columns:
                 out[col] = None
         live_rows = np.flatnonzero(out["reason"].isna().to_numpy())
-        results = self.pool.map(self.download, out["url"].to_numpy()[live_rows])  # in order
+        attempt, batch_id = 1, None
+        if self.ledger is not None and len(live_rows):
+            import ray
+
+            batch_id = hashlib.sha256("|".join(map(str, out["key"])).encode()).hexdigest()
+            attempt = ray.get(self.ledger.begin.remote(batch_id))
+        if attempt > CRASHES_ALLOWED:
+            # Ray Data retries a batch on a new actor as often as the actor dies: one that
+            # killed two already is rejected, each of its rows, instead of killing the next.
+            error = f"its batch of {len(out)} rows killed a download actor {attempt - 1} times"
+            crashed = ImageResult(reason="worker_crash", error=error)
+            results = [crashed] * len(live_rows)
+        else:
+            results = self.pool.map(self.download, out["url"].to_numpy()[live_rows])  # in order
 
         n = len(out)
         cols = {c: [None] * n for c in _IMAGE_COLUMNS}
@@ -269,4 +283,24 @@ class DownloadStage:
             )
         # Per-row share of the batch's wall time, so the caller can sum the stage's time.
         out["download_seconds"] = (time.perf_counter() - start) / max(n, 1)
+        if batch_id is not None:
+            self.ledger.end.remote(batch_id)
         return out
+
+
+CRASHES_ALLOWED = 2  # actor deaths one batch may cause before its rows are rejected
+
+
+class CrashLedger:
+    """Batches begun and not ended, counted across actor restarts (a Ray actor in _stream):
+    a batch begun a third time killed its actor twice."""
+
+    def __init__(self):
+        self.attempts: dict[str, int] = {}
+
+    def begin(self, batch_id: str) -> int:
+        self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
+        return self.attempts[batch_id]
+
+    def end(self, batch_id: str) -> None:
+        self.attempts.pop(batch_id, None)

@@ -123,7 +123,7 @@ def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
     """The Ray Data pipeline over `frame`'s rows, yielding pandas batches in input order."""
     import ray
 
-    from pipeline.data.download import DownloadStage
+    from pipeline.data.download import CrashLedger, DownloadStage
     from pipeline.data.filters import filter_batch
     from pipeline.data.tokenize import TokenizeStage
 
@@ -132,6 +132,7 @@ def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
     ctx = ray.data.DataContext.get_current()
     preserve_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
+    ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
     try:
         dl = cfg.download
         # One block per download batch, made here: a repartition would be an all-to-all step.
@@ -140,7 +141,7 @@ def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
             ray.data.from_pandas(blocks)
             .map_batches(
                 DownloadStage,
-                fn_constructor_args=(dataclasses.asdict(dl), need_phash),
+                fn_constructor_args=(dataclasses.asdict(dl), need_phash, ledger),
                 batch_format="pandas",
                 batch_size=dl.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=dl.concurrency),
@@ -164,6 +165,7 @@ def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
         yield from ds.iter_batches(batch_format="pandas", batch_size=None)
     finally:
         ctx.execution_options.preserve_order = preserve_order
+        ray.kill(ledger)
 
 
 def _rows(frame: pd.DataFrame, cfg: PrepareConfig, checks: _ImageChecks):
