@@ -188,12 +188,22 @@ _RESOLVER = ThreadPoolExecutor(32, thread_name_prefix="dns")
 def _resolve(
     host: str, port: int, allowed_networks: tuple[str, ...], deadline: float = math.inf
 ) -> list[tuple[int, Any]]:
-    lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     try:
-        infos = lookup.result(timeout=None if deadline == math.inf else _op_timeout(None, deadline))
-    except FutureTimeout as err:
-        lookup.cancel()
-        raise TimeoutError(f"DNS lookup of {host} exceeded the request deadline") from err
+        ipaddress.ip_address(host)
+        literal = True  # an address: nothing to look up, no thread to hand it to
+    except ValueError:
+        literal = False
+    try:
+        if literal:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        else:
+            lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+            left = None if deadline == math.inf else _op_timeout(None, deadline)
+            try:
+                infos = lookup.result(timeout=left)
+            except FutureTimeout as err:
+                lookup.cancel()
+                raise TimeoutError(f"DNS lookup of {host} exceeded the request deadline") from err
     except socket.gaierror as err:
         raise _Failure("dns_error", err, transient=err.errno == socket.EAI_AGAIN) from err
     except (UnicodeError, ValueError) as err:  # not a valid host name at all
