@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import pretrain  # noqa: E402
 from pipeline.config import PRESETS  # noqa: E402
+from pipeline.lock import hold_run_dir  # noqa: E402
 from pipeline.rundir import RunDir, StageConfigMismatch, write_json_atomic  # noqa: E402
 from pipeline.spec import (  # noqa: E402
     Inputs,
@@ -263,13 +264,14 @@ def run_spec(spec: RunSpec, address: str | None, after: Any = None) -> RunSpec:
     if refused:  # before Ray starts and before anything is written
         raise StageConfigMismatch(refused[0])
     run.root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run.root / "config.json", spec.to_dict())
-    init_ray(address)
-    for stage in spec.stages:
-        getattr(pretrain, stage)(spec, run)
-    print(pretrain.format_summary(pretrain.summary(spec, run)))
-    if after is not None:
-        after(spec, run)
+    with hold_run_dir(run.root):  # one job per run dir: a second is refused, naming the holder
+        write_json_atomic(run.root / "config.json", spec.to_dict())
+        init_ray(address)
+        for stage in spec.stages:
+            getattr(pretrain, stage)(spec, run)
+        print(pretrain.format_summary(pretrain.summary(spec, run)))
+        if after is not None:
+            after(spec, run)
     return spec
 
 
@@ -282,13 +284,38 @@ ERRORS = (ValueError, FileNotFoundError, StageConfigMismatch)
 
 
 def init_ray(address: str | None) -> None:
-    """Join the cluster (ray job submit sets RAY_ADDRESS), or start Ray on this machine."""
+    """Join the cluster (ray job submit sets RAY_ADDRESS), or start Ray on this machine.
+
+    A cluster named explicitly (--address, RAY_ADDRESS) that does not answer fails within
+    seconds with ValueError; one only remembered in Ray's temp folder (a local Ray that died
+    without `ray stop` leaves its address there) is skipped, saying so, and Ray starts here.
+    """
     import ray
     from ray._private.services import find_bootstrap_address, get_node_ip_address
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    running = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
-    starts_here = address == "local" or (address is None and not running)
+    named = address if address not in (None, "auto", "local") else None
+    source = "--address"
+    if named is None and address != "local" and os.environ.get("RAY_ADDRESS"):
+        named, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if named is not None:
+        problem = _unreachable(named)
+        if problem:
+            raise ValueError(
+                f"the Ray cluster at {named} ({source}) does not answer: {problem}; start it, "
+                "or leave out --address and RAY_ADDRESS to start Ray on this machine"
+            )
+        starts_here = False
+    else:
+        remembered = find_bootstrap_address(None)
+        starts_here = address == "local" or remembered is None
+        if not starts_here and _unreachable(remembered):
+            print(
+                f"note: the local Ray at {remembered} (remembered in Ray's temp folder) is not "
+                "running; starting a new one",
+                file=sys.stderr,
+            )
+            starts_here = True
     if starts_here:
         # Workers of a cluster started here must know its address: Ray Train's placement-group
         # cleaner (which frees a stopped sweep trial's CPUs) looks the cluster up, and with
@@ -299,6 +326,22 @@ def init_ray(address: str | None) -> None:
         os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
         address = "local"
     ray.init(address=address, configure_logging=False)
+
+
+def _unreachable(address: str, timeout: float = 3.0) -> str | None:
+    """Why nothing answers at a host:port cluster address (None if something does).
+
+    Client (ray://) and dashboard (http://) addresses are left to Ray."""
+    if "://" in address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return f"{address!r} is not a host:port address"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
 
 
 def _free_port() -> int:

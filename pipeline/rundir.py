@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.faults import commit_point
+
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half."""
@@ -28,7 +30,11 @@ class RunDir:
 
     @classmethod
     def at(cls, path: str | os.PathLike) -> RunDir:
-        return cls(Path(path).expanduser().resolve())
+        root = Path(path).expanduser().resolve()
+        for p in (root, *root.parents):
+            if p.exists() and not p.is_dir():
+                raise ValueError(f"run directory {root}: {p} is a file, not a folder")
+        return cls(root)
 
     # Paths fixed by DESIGN.md.
     @property
@@ -100,6 +106,7 @@ class RunDir:
             **counts,
         }
         write_json_atomic(self.manifest_path, manifest)
+        commit_point("manifest")
 
     def forget(self, *names: str) -> None:
         """Drop stages from the manifest so they (and what depends on them) run again."""
@@ -107,3 +114,4 @@ class RunDir:
         for name in names:
             manifest["stages"].pop(name, None)
         write_json_atomic(self.manifest_path, manifest)
+        commit_point("manifest")

@@ -522,8 +522,11 @@ def validate(spec: RunSpec) -> RunSpec:
         elif inputs.url_list is not None:
             raise SpecError("no eval dataset: pass --eval-dataset (an image folder, one per class)")
     if inputs.val_dataset is not None:
+        from pipeline.evaluate.datasets import check_images
+
         try:
-            load_image_folder(inputs.val_dataset)
+            # Decoded now, as the probe will: a bad file fails here, not rank 0 mid-training.
+            check_images(load_image_folder(inputs.val_dataset))
         except (ValueError, FileNotFoundError) as err:
             raise type(err)(f"--val-dataset: {err}") from None
     return spec

@@ -2,7 +2,7 @@
 
 Failures carry a short machine-readable ``reason`` (counted in stats.json): those of
 pipeline.data.fetch, and not_an_image, too_many_pixels, truncated_image, decode_error,
-internal_error.
+internal_error, worker_crash (a batch that killed its download actor twice).
 """
 
 from __future__ import annotations
@@ -25,6 +25,14 @@ from pipeline.data.fetch import DEADLINE_FACTOR, _networks, address_allowed, fet
 from pipeline.data.img2dataset_modules import modules as _img2dataset
 
 __all__ = ["DEADLINE_FACTOR", "DownloadStage", "address_allowed", "fetch", "user_agent"]
+
+# What PIL may parse: the formats OpenCV (the Resizer's decoder) turns into pixels. The rest
+# of PIL's parsers (EPS hands files to Ghostscript; ICO, PSD, ...) are never run on fetched bytes.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")  # JPEG opens MPO too
+# Full-size decodes an actor runs at once, whatever its thread count: each may take up to
+# max_pixels x 4 bytes, so 64 fetching threads must not all decode large images together.
+FULL_DECODES = 4
+_FULL_DECODE = threading.BoundedSemaphore(FULL_DECODES)
 
 # Resizer silences stdout/stderr by swapping the process's file descriptors 1 and 2; two
 # threads doing that at once can leave them pointing at /dev/null for good.
@@ -133,9 +141,12 @@ def _fast_resize(im: Image.Image, resizer: Any) -> tuple[bytes, int, int, Image.
 def _phash_of(body: bytes) -> str:
     from pipeline.data.filters import perceptual_hash
 
-    with Image.open(io.BytesIO(body)) as im:
-        im.draft("RGB", (64, 64))  # the hash looks at 32x32: no need for a full-size decode
-        return perceptual_hash(im)
+    with Image.open(io.BytesIO(body), formats=FORMATS) as im:
+        im.draft("RGB", (64, 64))  # the hash looks at 32x32: JPEGs decode at 1/8 scale
+        if im.format in ("JPEG", "MPO"):
+            return perceptual_hash(im)
+        with _FULL_DECODE:  # other formats decode at full size (within max_pixels)
+            return perceptual_hash(im)
 
 
 def process_image(
@@ -144,7 +155,7 @@ def process_image(
     """Validate downloaded bytes from their header, then resize them with img2dataset's
     semantics (reduced-scale JPEG decoding when ``cfg.fast_resize``); optionally the pHash."""
     try:
-        im = Image.open(io.BytesIO(body))  # parses the header only, decodes nothing
+        im = Image.open(io.BytesIO(body), formats=FORMATS)  # the header only, decodes nothing
         fmt, (width, height) = im.format, im.size
     except Image.DecompressionBombError as err:
         return ImageResult(reason="too_many_pixels", error=str(err))
@@ -169,7 +180,7 @@ def process_image(
             ow, oh = width, height
             phash = _perceptual_hash(decoded) if perceptual_hash else None
         else:
-            with _RESIZER_LOCK:
+            with _FULL_DECODE, _RESIZER_LOCK:
                 encoded, w, h, ow, oh, err = resizer(io.BytesIO(body))
             if err is not None or encoded is None:
                 return ImageResult(reason="decode_error", error=str(err))
@@ -212,8 +223,9 @@ class DownloadStage:
     stage="download", its reason and error, and jpg=None.
     """
 
-    def __init__(self, config: dict, perceptual_hashes: bool = False):
+    def __init__(self, config: dict, perceptual_hashes: bool = False, ledger: Any = None):
         self.cfg = from_dict(DownloadConfig, config)
+        self.ledger = ledger  # a CrashLedger actor: batches that killed their actor before
         self.perceptual_hashes = perceptual_hashes
         _networks(self.cfg.allowed_networks)  # a malformed CIDR fails here, not once per row
         self.resizer = make_resizer(self.cfg)
@@ -240,7 +252,20 @@ class DownloadStage:
             if col not in out.columns:
                 out[col] = None
         live_rows = np.flatnonzero(out["reason"].isna().to_numpy())
-        results = self.pool.map(self.download, out["url"].to_numpy()[live_rows])  # in order
+        attempt, batch_id = 1, None
+        if self.ledger is not None and len(live_rows):
+            import ray
+
+            batch_id = hashlib.sha256("|".join(map(str, out["key"])).encode()).hexdigest()
+            attempt = ray.get(self.ledger.begin.remote(batch_id))
+        if attempt > CRASHES_ALLOWED:
+            # Ray Data retries a batch on a new actor as often as the actor dies: one that
+            # killed two already is rejected, each of its rows, instead of killing the next.
+            error = f"its batch of {len(out)} rows killed a download actor {attempt - 1} times"
+            crashed = ImageResult(reason="worker_crash", error=error)
+            results = [crashed] * len(live_rows)
+        else:
+            results = self.pool.map(self.download, out["url"].to_numpy()[live_rows])  # in order
 
         n = len(out)
         cols = {c: [None] * n for c in _IMAGE_COLUMNS}
@@ -258,4 +283,24 @@ class DownloadStage:
             )
         # Per-row share of the batch's wall time, so the caller can sum the stage's time.
         out["download_seconds"] = (time.perf_counter() - start) / max(n, 1)
+        if batch_id is not None:
+            self.ledger.end.remote(batch_id)
         return out
+
+
+CRASHES_ALLOWED = 2  # actor deaths one batch may cause before its rows are rejected
+
+
+class CrashLedger:
+    """Batches begun and not ended, counted across actor restarts (a Ray actor in _stream):
+    a batch begun a third time killed its actor twice."""
+
+    def __init__(self):
+        self.attempts: dict[str, int] = {}
+
+    def begin(self, batch_id: str) -> int:
+        self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
+        return self.attempts[batch_id]
+
+    def end(self, batch_id: str) -> None:
+        self.attempts.pop(batch_id, None)

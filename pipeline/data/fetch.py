@@ -19,6 +19,8 @@ import math
 import socket
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
@@ -178,9 +180,30 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = tls
 
 
-def _resolve(host: str, port: int, allowed_networks: tuple[str, ...]) -> list[tuple[int, Any]]:
+# getaddrinfo has no timeout of its own: lookups run here, and a caller waits at most what is
+# left of its request's deadline. A lookup that hangs holds one of these threads, not the row.
+_RESOLVER = ThreadPoolExecutor(32, thread_name_prefix="dns")
+
+
+def _resolve(
+    host: str, port: int, allowed_networks: tuple[str, ...], deadline: float = math.inf
+) -> list[tuple[int, Any]]:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        ipaddress.ip_address(host)
+        literal = True  # an address: nothing to look up, no thread to hand it to
+    except ValueError:
+        literal = False
+    try:
+        if literal:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        else:
+            lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+            left = None if deadline == math.inf else _op_timeout(None, deadline)
+            try:
+                infos = lookup.result(timeout=left)
+            except FutureTimeout as err:
+                lookup.cancel()
+                raise TimeoutError(f"DNS lookup of {host} exceeded the request deadline") from err
     except socket.gaierror as err:
         raise _Failure("dns_error", err, transient=err.errno == socket.EAI_AGAIN) from err
     except (UnicodeError, ValueError) as err:  # not a valid host name at all
@@ -198,7 +221,10 @@ def _resolve(host: str, port: int, allowed_networks: tuple[str, ...]) -> list[tu
 
 def _get(url: str, cfg: DownloadConfig, deadline: float) -> tuple[bytes | None, str | None]:
     """One hop: the body, or the Location to follow."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as err:  # e.g. "http://a]b/": an unbalanced IPv6 bracket
+        raise _Failure("bad_url", err) from err
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise _Failure("bad_scheme", f"scheme {scheme or '(none)'!r} is not http or https")
@@ -208,7 +234,7 @@ def _get(url: str, cfg: DownloadConfig, deadline: float) -> tuple[bytes | None, 
         raise _Failure("bad_url", err) from err
     if not host:
         raise _Failure("bad_url", "no host in URL")
-    addresses = _resolve(host, port, cfg.allowed_networks)
+    addresses = _resolve(host, port, cfg.allowed_networks, deadline)
     # Percent-encode what http.client refuses (spaces, non-ASCII, controls); keep the rest as is.
     target = quote(parts.path or "/", safe="/%:@!$&'()*+,;=~") + (
         "?" + quote(parts.query, safe="/%:@!$&'()*+,;=~?") if parts.query else ""
@@ -254,7 +280,10 @@ def _fetch_once(url: str, cfg: DownloadConfig) -> FetchResult:
                 if not body:
                     return FetchResult(reason="empty_body", error="empty response body")
                 return FetchResult(body=body)
-            url = urljoin(url, location)  # the next hop is checked like the first
+            try:
+                url = urljoin(url, location)  # the next hop is checked like the first
+            except ValueError as err:
+                raise _Failure("bad_url", f"redirect to {location!r}: {err}") from err
         raise _Failure("too_many_redirects", f"more than {cfg.max_redirects} redirects")
     except _Failure as err:
         return FetchResult(reason=err.reason, error=str(err), transient=err.transient)

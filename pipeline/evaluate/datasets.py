@@ -30,6 +30,39 @@ class ImageFolderSet:
     groups: dict[str, list[int]] = field(default_factory=dict)  # splits.json: group -> labels
 
 
+def read_text(path: Path) -> str:
+    """A small text file of the dataset; one that is not UTF-8 is a ValueError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def check_images(data: ImageFolderSet) -> ImageFolderSet:
+    """Open and decode every image of the folder, as training's zero-shot probe will: a file
+    it could not read fails here, before Ray starts, naming it (not rank 0 mid-training).
+
+    JPEGs decode at reduced scale (draft): corruption shows at any scale, and it stays cheap.
+    """
+    from PIL import Image
+
+    bad = []
+    for path in data.paths:
+        try:
+            with Image.open(path) as im:
+                im.draft("RGB", (64, 64))
+                im.convert("RGB")  # decodes: truncated or corrupt data raises here
+        except Exception as err:  # PIL raises many types on bad files: all mean unreadable
+            bad.append(f"{path} ({type(err).__name__}: {err})")
+    if bad:
+        raise ValueError(
+            f"{len(bad)} of {len(data.paths)} images in {data.root} cannot be read: "
+            + "; ".join(bad[:3])
+            + ("; ..." if len(bad) > 3 else "")
+        )
+    return data
+
+
 def _fill(template: str, classname: str) -> str:
     return template.replace("{c}", classname).replace("{}", classname)
 
@@ -46,7 +79,7 @@ def resolve_templates(spec: str | None, root: Path | None = None) -> list[Any]:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"templates {spec!r}: not 'openai', 'simple' nor an existing file")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line.strip() for line in read_text(path).splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
         raise ValueError(f"{path}: no templates (only blank lines and # comments)")
@@ -90,10 +123,10 @@ def _imagenet_classnames(keys: list[str], where: Any, what: str) -> list[str]:
 def _read_classnames_file(path: Path) -> list[str] | dict[str, str]:
     """One name per line, or JSON: a list of names or {folder or label: name}."""
     if path.suffix.lower() != ".json":
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     else:
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values()):
@@ -168,7 +201,7 @@ def load_image_folder(
     splits = root / "splits.json"
     if splits.is_file():
         try:
-            raw = json.loads(splits.read_text())
+            raw = json.loads(read_text(splits))
         except json.JSONDecodeError as e:
             raise ValueError(f"{splits}: not valid JSON ({e})") from e
         if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):

@@ -27,6 +27,7 @@ import torch
 from pipeline import console
 from pipeline.config import TrainConfig, from_dict
 from pipeline.console import set_ray_console_level
+from pipeline.faults import commit_point, worker_env
 from pipeline.train.contrastive import LOSSES, build_loss, contrastive_step
 from pipeline.train.ingest import list_chunks, rank_dataset, rank_items, steps_per_epoch
 from pipeline.train.modeling import create_model, export_local_dir, model_config, resolve_model_name
@@ -143,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Onto the CPU: a GPU run's tensors would otherwise come back on the GPU they were
             # saved from, before this worker's model is there.
             state = torch.load(
-                os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False
+                os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True
             )
         model.load_state_dict(state["model"])
         step, zeroshot_top1 = state["step"], state.get("zeroshot_top1")
@@ -314,6 +315,7 @@ def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     # local copy then goes, or every checkpoint of a long run would stay behind in /tmp.
     with tempfile.TemporaryDirectory(prefix="clip-ckpt-") as tmp:
         torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+        commit_point("checkpoint.save")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -401,6 +403,7 @@ def build_trainer(
             callbacks=callbacks,
             # Its per-report "TrainingReport(...)" and worker-group notices are INFO lines.
             logging_config=ray.train.LoggingConfig(log_level=console.level().upper()),
+            worker_runtime_env=worker_env(),  # a crash-point test's request reaches workers
         ),
     )
 
@@ -409,7 +412,7 @@ def load_checkpoint_model(checkpoint_dir: str | Path, cfg: TrainConfig) -> torch
     # Onto the CPU: checkpoints of GPU workers hold CUDA tensors, and the driver that exports or
     # evaluates them may have no GPU.
     state = torch.load(
-        Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False
+        Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
     )
     bias = cfg.init_logit_bias if cfg.loss == "siglip" else None
     model = create_model(cfg.model, cfg.init_temperature, bias)

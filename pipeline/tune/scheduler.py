@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from pipeline.faults import commit_point
 
 PROBE_SIZE = "zeroshot_images"  # the images a trial's probe measured top-1 on (its binomial n)
 
@@ -75,8 +78,18 @@ def append_history(sweep_dir: str | Path | None, trial_dir: str, record: dict[st
     record = {**record, "at": round(time.time(), 3)}  # the driver's clock, to order trials' lines
     path = Path(sweep_dir) / trial_dir / HISTORY
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+    with path.open("ab") as f:
+        # A driver killed mid-line leaves a torn tail: the next record starts a line of its
+        # own, or it would be glued to the fragment and lost with it.
+        torn = f.tell() > 0 and not _ends_with_newline(path)
+        f.write(("\n" if torn else "").encode() + json.dumps(record, default=str).encode() + b"\n")
+    commit_point("sweep.history")
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 class SuccessiveHalving(FIFOScheduler):

@@ -231,7 +231,7 @@ def test_winner_is_exported_evaluated_and_named_in_the_summary(run_dir, swept):
     _, trials = read_sweep(run_dir / "sweep")
     winner = trials[0]
     # The exported weights are the winner's last checkpoint, loadable with open_clip alone.
-    state = torch.load(Path(winner["checkpoint"]) / CHECKPOINT_FILE, weights_only=False)
+    state = torch.load(Path(winner["checkpoint"]) / CHECKPOINT_FILE, weights_only=True)
     assert state["step"] == winner["steps"] == MAX_STEPS
     exported = load_file(str(run_dir / "model" / "open_clip_model.safetensors"))
     assert set(exported) == set(state["model"])

@@ -78,7 +78,7 @@ def test_two_workers_train_checkpoint_and_export(ray_local, tmp_path):
 
     # The export is the final checkpoint's weights, in open_clip's local-dir layout.
     with result.checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/{CHECKPOINT_FILE}", weights_only=False)
+        state = torch.load(f"{d}/{CHECKPOINT_FILE}", weights_only=True)
     assert state["step"] == 6
     exported = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
     assert set(exported) == set(state["model"])
@@ -258,7 +258,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_last_checkpoin
 
     assert outcome["metrics"]["step"] == 60  # the configured number of steps, no more, no less
     with outcome["result"].checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/{CHECKPOINT_FILE}", weights_only=False)
+        state = torch.load(f"{d}/{CHECKPOINT_FILE}", weights_only=True)
     assert state["step"] == 60
     # It restarted once, from a checkpoint step (not from zero, not mid-interval).
     assert len(state["resumes"]) == 1

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.faults import commit_point
 from pipeline.rundir import RunDir, StageConfigMismatch, write_json_atomic
 from pipeline.train.ingest import CHUNK_ROWS
 
@@ -89,14 +90,23 @@ class Progress:
     def _recover(self) -> None:
         for journal in sorted(self.dir.glob("part-*.retry.json")):
             plan = json.loads(journal.read_text())
+            # Every step may have been done already by a recovery that crashed after it:
+            # each one checks, so a crash between any two of them rolls forward again.
             for tmp, final in plan["renames"]:
                 if Path(tmp).exists():
                     os.replace(tmp, final)
+                    commit_point("retry.rename")
             for final in plan["deletes"]:
-                Path(final).unlink(missing_ok=True)
+                if Path(final).exists():
+                    Path(final).unlink()
+                    commit_point("retry.delete")
             index = int(journal.name.split(".")[0].split("-")[1])
-            os.replace(journal.with_name(f".{journal.name}.marker"), self._marker(index))
+            new_marker = journal.with_name(f".{journal.name}.marker")
+            if new_marker.exists():  # else moved before a crash: the marker is the new one
+                os.replace(new_marker, self._marker(index))
+                commit_point("retry.marker")
             journal.unlink()
+            commit_point("retry.done")
         done = {p.stem for p in self.dir.glob("part-?????.json")}
         for folder in (self.shards, self.rejects, self.dir):
             for p in folder.iterdir():
@@ -125,13 +135,16 @@ class Progress:
     def commit(self, index, samples, rejects, rows, seconds, sample_schema, reject_schema):
         """A first pass over the shard's rows: files, then the marker."""
         marker = _counts(samples, rejects, rows, seconds)
-        for pair in (
-            self._write(self.shards, index, samples, sample_schema, "tmp"),
-            self._write(self.rejects, index, rejects, reject_schema, "tmp"),
+        for folder, rows_, sch, point in (
+            (self.shards, samples, sample_schema, "prepare.shard"),
+            (self.rejects, rejects, reject_schema, "prepare.rejects"),
         ):
+            pair = self._write(folder, index, rows_, sch, "tmp")
             if pair:
                 os.replace(*pair)
+                commit_point(point)
         write_json_atomic(self._marker(index), marker)
+        commit_point("prepare.marker")
         return marker
 
     def rewrite(self, index, samples, rejects, rows, seconds, sample_schema, reject_schema):
@@ -147,9 +160,12 @@ class Progress:
                 renames.append(pair)
             else:  # no rows left there: the old file goes
                 deletes.append(str(folder / f"{name(index)}.parquet"))
+        commit_point("retry.files")
         journal = self.dir / f"{name(index)}.retry.json"
         write_json_atomic(journal.with_name(f".{journal.name}.marker"), marker)
+        commit_point("retry.journal_marker")
         # The commit point: from here on, a crash is rolled forward by _recover().
         write_json_atomic(journal, {"renames": renames, "deletes": deletes})
+        commit_point("retry.journal")
         self._recover()
         return marker

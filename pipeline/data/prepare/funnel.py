@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.untrusted import plot_label, printable
+
 STAGES = ("input", "download", "filter", "tokenize")
 TOP_DOMAINS = 10
 
@@ -67,7 +69,9 @@ def format_funnel(stats: dict[str, Any]) -> str:
     if stats.get("failing_domains"):
         lines.append(
             "top failing domains: "
-            + ", ".join(f"{d['domain']} {d['failures']}" for d in stats["failing_domains"][:5])
+            + ", ".join(
+                f"{printable(d['domain'])} {d['failures']}" for d in stats["failing_domains"][:5]
+            )
         )
     lines.append(
         f"{stats['samples']} samples in {stats['shards']} shards, {stats['rejects']} rejects; "
@@ -94,7 +98,11 @@ def plot_funnel(stats: dict[str, Any], path: Path) -> None:
     for y, v in enumerate(outs[::-1]):
         ax.text(v, y, f" {v}", va="center")
 
-    reasons = [(f"{s}: {r}", n) for s in stages for r, n in stats["stages"][s]["drops"].items()]
+    reasons = [
+        (plot_label(f"{s}: {r}", 40), n)
+        for s in stages
+        for r, n in stats["stages"][s]["drops"].items()
+    ]
     reasons.sort(key=lambda rn: rn[1])
     ax = axes[1]
     ax.barh([r for r, _ in reasons] or ["(none)"], [n for _, n in reasons] or [0], color="tab:red")
@@ -102,7 +110,9 @@ def plot_funnel(stats: dict[str, Any], path: Path) -> None:
 
     domains = stats.get("failing_domains", [])[::-1]
     ax = axes[2]
-    ax.barh([d["domain"] for d in domains] or ["(none)"], [d["failures"] for d in domains] or [0])
+    # Host names come from the URL list: shown as text, never parsed as mathtext.
+    labels = [plot_label(d["domain"], 40) for d in domains]
+    ax.barh(labels or ["(none)"], [d["failures"] for d in domains] or [0])
     ax.set_title("top failing domains (download)")
     fig.suptitle(
         f"{stats['samples']} samples; {stats['images_per_second']} rows/s this run", fontsize=11

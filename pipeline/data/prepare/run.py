@@ -24,6 +24,8 @@ from pipeline.data.filters import Deduplicator, NearDuplicateIndex, hash_image_f
 from pipeline.data.prepare.chunks import Progress
 from pipeline.data.prepare.funnel import build_stats, plot_funnel
 from pipeline.data.prepare.inputs import INPUT_REASON
+from pipeline.data.untrusted import printable
+from pipeline.faults import commit_point
 from pipeline.rundir import RunDir, write_json_atomic
 
 _STATE = ("stage", "reason", "error")
@@ -121,7 +123,7 @@ def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
     """The Ray Data pipeline over `frame`'s rows, yielding pandas batches in input order."""
     import ray
 
-    from pipeline.data.download import DownloadStage
+    from pipeline.data.download import CrashLedger, DownloadStage
     from pipeline.data.filters import filter_batch
     from pipeline.data.tokenize import TokenizeStage
 
@@ -130,6 +132,7 @@ def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
     ctx = ray.data.DataContext.get_current()
     preserve_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
+    ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
     try:
         dl = cfg.download
         # One block per download batch, made here: a repartition would be an all-to-all step.
@@ -138,7 +141,7 @@ def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
             ray.data.from_pandas(blocks)
             .map_batches(
                 DownloadStage,
-                fn_constructor_args=(dataclasses.asdict(dl), need_phash),
+                fn_constructor_args=(dataclasses.asdict(dl), need_phash, ledger),
                 batch_format="pandas",
                 batch_size=dl.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=dl.concurrency),
@@ -162,6 +165,7 @@ def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
         yield from ds.iter_batches(batch_format="pandas", batch_size=None)
     finally:
         ctx.execution_options.preserve_order = preserve_order
+        ray.kill(ledger)
 
 
 def _rows(frame: pd.DataFrame, cfg: PrepareConfig, checks: _ImageChecks):
@@ -288,6 +292,12 @@ def run_prepare(
         "stats": str(run.stats_path),
         "funnel_png": str(funnel_png),
     }
-    plot_funnel(stats, funnel_png)
     write_json_atomic(run.stats_path, stats)
+    commit_point("prepare.stats")
+    try:
+        plot_funnel(stats, funnel_png)
+    except Exception as err:  # a chart is a view of stats.json: it never fails the stage
+        if log:
+            log(f"warning: funnel.png not drawn ({type(err).__name__}: {printable(err)})")
+    commit_point("prepare.funnel")
     return stats
