@@ -549,7 +549,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in w["hparams"].items()
         )
         lines.append(
-            f"sweep: {s['trials']} trials, {s['stopped_early']} stopped early by ASHA, "
+            f"sweep: {s['trials']} trials, {s['stopped_early']} stopped early, "
             f"{s['steps_total']} steps; winner {w['trial_id']} ({knobs}): val top1 "
             f"{100 * w['final_top1']:.1f}% at step {w['steps']}"
         )
