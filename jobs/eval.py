@@ -176,11 +176,11 @@ def standalone(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     results: dict = {}
     if data is not None:
-        results.update(ev.evaluate_zero_shot(ref, data, cfg, use_gpu, loaded=loaded))
+        results.update(ev.evaluate_zero_shot(ref, data, cfg, use_gpu, loaded=loaded, log=print))
     if retrieval is not None:
         results.update(
             ev.evaluate_retrieval(
-                ref, retrieval, cfg, use_gpu, loaded, args.image_col, args.caption_col
+                ref, retrieval, cfg, use_gpu, loaded, args.image_col, args.caption_col, log=print
             )
         )
     if data is not None:

@@ -394,9 +394,9 @@ def evaluate(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     ident = eval_identity(spec, run)
     if not begin(spec, run, "eval", ident, log).run:
         return json.loads(run.eval_results_path.read_text())
-    results = evaluate_zero_shot(run.model, dataset, spec.config.eval)
+    results = evaluate_zero_shot(run.model, dataset, spec.config.eval, log=log)
     if retrieval is not None and retrieval.exists():
-        results.update(evaluate_retrieval(run.model, retrieval, spec.config.eval))
+        results.update(evaluate_retrieval(run.model, retrieval, spec.config.eval, log=log))
     results["dataset"] = str(dataset)
     results.update(clip_benchmark_keys(results, model=str(run.model), pretrained=None))
     write_json_atomic(run.eval_results_path, results)

@@ -77,10 +77,12 @@ def evaluate_zero_shot(
     cfg: EvalConfig,
     use_gpu: bool = False,
     loaded: tuple[torch.nn.Module, Any, Any] | None = None,
+    log: Any = None,
 ) -> dict[str, Any]:
     """Zero-shot classification of an image folder or labelled Parquet (see `load_dataset`).
 
-    `loaded` is `load_model(model)` when the caller already holds it (it is left on the CPU).
+    `loaded` is `load_model(model)` when the caller already holds it (it is left on the CPU);
+    `log` gets the embedding's progress lines.
     """
     data = dataset
     if not isinstance(data, ImageFolderSet | ParquetSet):
@@ -100,10 +102,10 @@ def evaluate_zero_shot(
     if isinstance(data, ImageFolderSet):
         pairs = enumerate(zip(data.paths, data.labels, strict=True))
         rows = [{"index": i, "path": p, "label": y} for i, (p, y) in pairs]
-        out = embed_images(rows, ref, cfg, use_gpu)
+        out = embed_images(rows, ref, cfg, use_gpu, log)
         labels_N, where, total = out["label"], data.root, len(rows)
     else:
-        out = embed_parquet(data, ref, cfg, use_gpu)
+        out = embed_parquet(data, ref, cfg, use_gpu, log)
         labels_N, where, total = data.label_ids(out["label"]), data.path, data.num_rows
     ok = out["ok"]
     if not ok.any():
@@ -149,6 +151,7 @@ def evaluate_retrieval(
     loaded: tuple[torch.nn.Module, Any, Any] | None = None,
     image_col: str = "image",
     caption_col: str = "caption",
+    log: Any = None,
 ) -> dict[str, Any]:
     """Image<->text recall@1/5/10 on a Parquet of (image bytes, caption) rows, as CLIP_benchmark.
 
@@ -172,7 +175,7 @@ def evaluate_retrieval(
         text_image += [image_of_key[key]] * len(captions)
     ref = resolve_model(model)
     rows = [{"index": i, "image": b} for i, b in enumerate(images)]
-    out = embed_images(rows, ref, cfg, use_gpu)
+    out = embed_images(rows, ref, cfg, use_gpu, log)
     ok = out["ok"]
     if not ok.any():
         raise ValueError(f"{path}: none of {len(images)} images could be read")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,15 @@ class ImageEmbedder:
         return out
 
 
-def _embed(ds: Any, model: ModelRef, cfg: EvalConfig, use_gpu: bool) -> dict[str, np.ndarray]:
-    """Run ImageEmbedder over a dataset; all columns (embedding, ok, pass-through) gathered."""
+PROGRESS_EVERY_S = 15.0  # as prepare's shard ticker: a line a person reads, not a log flood
+
+
+def _embed(
+    ds: Any, model: ModelRef, cfg: EvalConfig, use_gpu: bool, total: int, log: Any = None
+) -> dict[str, np.ndarray]:
+    """Run ImageEmbedder over a dataset; all columns (embedding, ok, pass-through) gathered.
+
+    log: called with a progress line every PROGRESS_EVERY_S seconds and once at the end."""
     ds = ds.map_batches(
         ImageEmbedder,
         fn_constructor_kwargs={
@@ -83,9 +91,20 @@ def _embed(ds: Any, model: ModelRef, cfg: EvalConfig, use_gpu: bool) -> dict[str
         num_gpus=1 if use_gpu else 0,
         udf_modifying_row_count=False,
     )
-    parts = [
-        p for p in ds.iter_batches(batch_size=None, batch_format="numpy") if len(p.get("ok", ()))
-    ]
+    parts, done = [], 0
+    start = last = time.monotonic()
+    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if not len(part.get("ok", ())):
+            continue
+        parts.append(part)
+        done += len(part["ok"])
+        now = time.monotonic()
+        if log is not None and now - last >= PROGRESS_EVERY_S and done < total:
+            last = now
+            eta = (now - start) / done * (total - done)
+            log(f"[eval] {done}/{total} images embedded after {now - start:.0f}s, ETA {eta:.0f}s")
+    if log is not None:
+        log(f"[eval] {done} images embedded in {time.monotonic() - start:.0f}s")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -94,19 +113,24 @@ def embed_images(
     model: str | Path | ModelRef,
     cfg: EvalConfig,
     use_gpu: bool = False,
+    log: Any = None,
 ) -> dict[str, np.ndarray]:
     """Embed rows ({index, path or image, ...}) with Ray Data; columns come back in index order."""
     # About one batch per block, so every actor in the pool gets work.
     ds = ray.data.from_items(
         rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.batch_size))
     )
-    cols = _embed(ds, resolve_model(model), cfg, use_gpu)
+    cols = _embed(ds, resolve_model(model), cfg, use_gpu, len(rows), log)
     order = np.argsort(cols["index"], kind="stable")
     return {k: v[order] for k, v in cols.items()}
 
 
 def embed_parquet(
-    data: ParquetSet, model: str | Path | ModelRef, cfg: EvalConfig, use_gpu: bool = False
+    data: ParquetSet,
+    model: str | Path | ModelRef,
+    cfg: EvalConfig,
+    use_gpu: bool = False,
+    log: Any = None,
 ) -> dict[str, np.ndarray]:
     """Embed a labelled Parquet read by Ray Data (in blocks: never whole on the driver);
     rows come back in no particular order, each with its label."""
@@ -118,4 +142,4 @@ def embed_parquet(
     }
     if renames:
         ds = ds.rename_columns(renames)
-    return _embed(ds, resolve_model(model), cfg, use_gpu)
+    return _embed(ds, resolve_model(model), cfg, use_gpu, data.num_rows, log)

@@ -47,7 +47,7 @@ def reference(model_dir):
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
-def test_zero_shot_matches_open_clip(ray_local, tmp_path, model_dir, reference):
+def test_zero_shot_matches_open_clip(ray_local, tmp_path, model_dir, reference, monkeypatch):
     rng = np.random.default_rng(0)
     root = tmp_path / "eval"
     for name, color in zip(CLASSES, COLORS, strict=True):
@@ -58,7 +58,14 @@ def test_zero_shot_matches_open_clip(ray_local, tmp_path, model_dir, reference):
     (root / "templates.txt").write_text("a photo of a {}.\na drawing of the {c}.\n")
     (root / "splits.json").write_text(json.dumps({"seen": CLASSES[:3], "heldout": ["yellow_star"]}))
     # batch_size 4 over 13 files: several blocks and batches, one with the corrupt file.
-    results = ev.evaluate_zero_shot(model_dir, root, EvalConfig(batch_size=4))
+    monkeypatch.setattr("pipeline.evaluate.embedding.PROGRESS_EVERY_S", 0.0)  # a line a batch
+    lines = []
+    results = ev.evaluate_zero_shot(model_dir, root, EvalConfig(batch_size=4), log=lines.append)
+    # The console's progress: counts that grow to the 13 files, then one closing line.
+    counts = [int(line.split()[1].split("/")[0]) for line in lines[:-1]]
+    assert counts == sorted(counts) and all(0 < c < 13 for c in counts) and len(counts) >= 1
+    assert all("/13 images embedded after" in line for line in lines[:-1])
+    assert lines[-1].startswith("[eval] 13 images embedded in ")
 
     model, preprocess, tokenizer = reference
     data = ev.load_image_folder(root)
