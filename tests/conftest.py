@@ -26,3 +26,14 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def no_injected_crash(monkeypatch):
+    """A crash test arms pipeline.faults; none stays armed for the next test."""
+    from pipeline import faults
+
+    faults.reset()
+    yield
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.reset()

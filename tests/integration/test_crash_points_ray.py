@@ -18,7 +18,7 @@ from pipeline.train.loop import CHECKPOINT_FILE, run_training
 from tests.integration.test_prepare_resume import outcome, server, write_list  # noqa: F401
 from tests.integration.test_train_ray import _write_shards
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_injected_crash")]
 
 
 def _stats(run: RunDir) -> dict:
@@ -28,14 +28,6 @@ def _stats(run: RunDir) -> dict:
         stage.pop("seconds")
     return {k: v for k, v in stats.items() if k not in ("wall_seconds", "images_per_second",
                                                         "rows_this_run", "paths")}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _no_crash_left(monkeypatch):
-    faults.reset()
-    yield
-    monkeypatch.delenv(faults.ENV, raising=False)
-    faults.reset()
 
 
 def test_crash_at_the_end_of_prepare_then_rerun(ray_local, server, tmp_path, monkeypatch):  # noqa: F811

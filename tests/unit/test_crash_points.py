@@ -48,6 +48,9 @@ ELSEWHERE = {  # tests/integration/test_crash_points_ray.py
 }
 
 
+pytestmark = pytest.mark.usefixtures("no_injected_crash")
+
+
 def _row(c: int, i: int, fate: str) -> dict:
     url = f"http://example.com/{c}/{i}.jpg"
     row = {"key": schema.url_key(url), "url": url, "caption": f"thing {c}.{i}"}
@@ -108,14 +111,6 @@ def reference(tmp_path_factory) -> dict[str, tuple]:
     drive(str(root / "retry"), retry=False)
     drive(str(root / "retry"), retry=True)
     return {"first": state(root / "first"), "retry": state(root / "retry")}
-
-
-@pytest.fixture(autouse=True)
-def _no_crash_left(monkeypatch):
-    faults.reset()
-    yield
-    monkeypatch.delenv(faults.ENV, raising=False)
-    faults.reset()
 
 
 def test_every_commit_point_has_a_crash_test():
@@ -182,8 +177,8 @@ def test_crash_in_trial_bookkeeping_keeps_whole_records(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from pipeline.config import get_preset
-    from pipeline.tune.report import read_trial
-    from pipeline.tune.sweep import HISTORY, TrialHistory, trial_dirname
+    from pipeline.tune.report import HISTORY, read_trial
+    from pipeline.tune.sweep import TrialHistory, trial_dirname
 
     params = {"global_batch_size": 32, "init_temperature": 0.07, "learn_temperature": True,
               "seed": 0, "lr": 1e-3}  # fmt: skip
