@@ -155,7 +155,7 @@ def test_exception_at_each_commit_point_then_rerun(point, nth, tmp_path, monkeyp
         assert state(root) == reference["retry"]
 
 
-@pytest.mark.parametrize("point", ["prepare.marker", *[p for p in HERE if p.startswith("retry.")]])
+@pytest.mark.parametrize("point", SHARD_POINTS)
 def test_sigkill_at_commit_points_then_rerun(point, tmp_path, reference):
     """A real process killed with SIGKILL: no exception handler, no finally, no flush runs."""
     retry = HERE[point] == "retry"
@@ -198,3 +198,22 @@ def test_crash_in_trial_bookkeeping_keeps_whole_records(tmp_path, monkeypatch):
     trial_record = read_trial(path, max_steps=4)
     assert trial_record["steps"] == 4 and trial_record["final_top1"] == 0.75
     assert trial_record["best_top1"] == 0.75 and trial_record["status"] == "completed"
+
+
+def test_sigkill_at_a_manifest_update_then_rerun(tmp_path):
+    """Killed right after the first of two stages was marked done: the manifest is whole and
+    holds that stage; the same command again marks both."""
+    root = tmp_path / "run"
+    script = (
+        f"from pipeline.rundir import RunDir; run = RunDir.at({str(root)!r}); "
+        "[run.mark_done(s, 'h-' + s, samples=1) for s in ('prepare', 'train')]"
+    )
+    env = {**os.environ, faults.ENV: "manifest@1:kill"}
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=False)
+    assert killed.returncode == -9
+    run = RunDir.at(root)
+    assert set(run.manifest()["stages"]) == {"prepare"}  # parsed: never half written
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True)
+    stages = run.manifest()["stages"]
+    assert {k: v["config_hash"] for k, v in stages.items()} == {"prepare": "h-prepare",
+                                                                  "train": "h-train"}  # fmt: skip
