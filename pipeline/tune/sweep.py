@@ -388,14 +388,7 @@ def _tuner_config(sweep: SweepConfig, concurrency: int, sweep_dir: Path):
             search_alg = RungAwareLimiter(OptunaSearch(seed=seed), concurrency, halving)
         else:
             search_alg = RungAwareVariants(halving, random_state=seed, max_concurrent=concurrency)
-        return tune.TuneConfig(
-            metric=METRIC,
-            mode="max",
-            scheduler=halving,
-            search_alg=search_alg,
-            num_samples=sweep.num_samples,
-            trial_dirname_creator=trial_dirname,
-        )
+        return _tune_config(tune, sweep, halving, search_alg, None)
     if sweep.scheduler == "asha":
         # time_attr is the training step the trainer reports, so rungs are in steps.
         scheduler = ASHAScheduler(
@@ -416,6 +409,10 @@ def _tuner_config(sweep: SweepConfig, concurrency: int, sweep_dir: Path):
         # ignores max_concurrent_trials for a search algorithm passed in).
         search_alg = BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
         limit = None
+    return _tune_config(tune, sweep, scheduler, search_alg, limit)
+
+
+def _tune_config(tune, sweep: SweepConfig, scheduler, search_alg, limit: int | None):
     return tune.TuneConfig(
         metric=METRIC,
         mode="max",
