@@ -37,6 +37,26 @@ REJECT = pa.schema(
     ]
 )
 
+# Beside each shard, for the dedup step (pipeline/data/dedup.py): one row per sample.
+HASHES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("position", pa.int64()),  # the row's index in the input list: unique in a run
+        ("sha256", pa.string()),  # of the downloaded bytes, hex
+        ("phash", pa.string()),  # imagehash.phash, 16 hex digits; null when not computed
+    ]
+)
+
+# The dedup step's verdicts, one file per shard: the rows it drops, in position order.
+DROPS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("position", pa.int64()),
+        ("reason", pa.string()),  # eval_near_duplicate, duplicate_image or near_duplicate
+        ("error", pa.string()),  # names the row (or eval hash) that won
+    ]
+)
+
 RETRIEVAL = pa.schema([("image", pa.binary()), ("caption", pa.string())])
 
 

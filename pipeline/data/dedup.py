@@ -63,23 +63,8 @@ REASONS = ("eval_near_duplicate", "duplicate_image", "near_duplicate")
 MARKER = "_SUCCESS.json"
 MAX_DISTANCE = 15  # NearDuplicateIndex's bound: a wider one would match unrelated images
 
-HASHES = pa.schema(
-    [
-        ("key", pa.string()),
-        ("position", pa.int64()),  # the row's index in the input list: unique
-        ("sha256", pa.string()),
-        ("phash", pa.string()),  # 16 hex digits, or null when not computed
-    ]
-)
-
-DROPS = pa.schema(
-    [
-        ("key", pa.string()),
-        ("position", pa.int64()),
-        ("reason", pa.string()),
-        ("error", pa.string()),  # names the row (or eval hash) that won
-    ]
-)
+HASHES = schema.HASHES  # the input: key, position, sha256, phash
+DROPS = schema.DROPS  # the output per shard: key, position, reason, error
 
 # The rows while they move between the steps: a hash row, its shard and its verdict so far.
 _ROWS = pa.schema(
