@@ -461,15 +461,13 @@ def finalize_shard(
     """
     staged = storage.read_parquet(staged_shard)
     drops = storage.read_parquet(drops_file).select(DROPS.names)
-    extra = [f for f in staged.schema if f.name not in schema.SAMPLE.names]
-    reject_schema = pa.schema([*schema.REJECT, *extra])
-    old = (
-        storage.read_parquet(existing_rejects)
-        if existing_rejects and storage.exists(existing_rejects)
-        else reject_schema.empty_table()
-    )
-    if old.num_rows:
-        reject_schema = old.schema
+    if existing_rejects and storage.exists(existing_rejects):
+        old = storage.read_parquet(existing_rejects)  # its schema is the shard's reject schema
+        reject_schema = old.schema.remove_metadata()
+    else:  # today's: the reject columns, then the extra columns the shard carries
+        extra = [f for f in staged.schema if f.name not in schema.SAMPLE.names]
+        reject_schema = pa.schema([*schema.REJECT, *extra])
+        old = reject_schema.empty_table()
 
     drop_keys = pa.array(drops["key"].to_pylist(), pa.string())
     is_dropped = pc.is_in(staged["key"], value_set=drop_keys)
