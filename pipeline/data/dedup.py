@@ -36,8 +36,12 @@ before it, not on what became of them.
 Near-duplicates are found by multi-index hashing: the 64 bits are split into distance+1
 bands, so two hashes at most `distance` bits apart agree exactly on at least one band
 (pigeonhole); rows are grouped by (band, band value) with a Ray Data groupby, each group's
-pairs are verified by Hamming distance, and a second groupby keeps each row's earliest
-verified candidate. Exact duplicates are a Ray Data groupby on sha256. Decontamination is a
+pairs are verified by Hamming distance, and a second groupby (on the row) keeps each row's
+earliest verified candidate. Exact duplicates are a Ray Data groupby on sha256. Each groupby
+is on a bucket of its key (key mod a bucket count sized for ~GROUP_ROWS rows a group), and
+the group function splits its bucket by the key itself, vectorized: Ray calls a group
+function once per key, ~1 ms each, which made one group per sha256 the slowest part of the
+step. Decontamination is a
 map over the rows, each task holding the eval set's banded index.
 
 Resume: the drops files are written whole, one per shard (an empty one for a shard without
@@ -50,6 +54,7 @@ idempotent, so an interrupted finalize step reruns any shard.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections import Counter
 from typing import Any
 
@@ -62,6 +67,7 @@ from pipeline import schema, storage
 REASONS = ("eval_near_duplicate", "duplicate_image", "near_duplicate")
 MARKER = "_SUCCESS.json"
 MAX_DISTANCE = 15  # NearDuplicateIndex's bound: a wider one would match unrelated images
+GROUP_ROWS = 50_000  # rows per groupby group (keys are bucketed; see _sha_buckets)
 
 HASHES = schema.HASHES  # the input: key, position, sha256, phash
 DROPS = schema.DROPS  # the output per shard: key, position, reason, error
@@ -83,6 +89,7 @@ _BANDS = pa.schema(
         ("phash", pa.string()),
         ("band", pa.int64()),
         ("value", pa.int64()),
+        ("bucket", pa.int64()),
     ]
 )
 
@@ -174,32 +181,69 @@ def _dropped(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_valid(batch["reason"]))
 
 
+def _run_starts(sorted_column: pa.ChunkedArray) -> np.ndarray:
+    """True where a value differs from the one before (the column sorted; nulls each alone)."""
+    values = sorted_column.to_numpy(zero_copy_only=False)
+    start = np.ones(len(values), bool)
+    start[1:] = values[1:] != values[:-1]
+    return start | pc.is_null(sorted_column).to_numpy(zero_copy_only=False)
+
+
+def _with_bucket(batch: pa.Table, ids: np.ndarray, buckets: int) -> pa.Table:
+    return batch.append_column("bucket", pa.array((ids % np.uint64(buckets)).astype(np.int64)))
+
+
+def _sha_buckets(batch: pa.Table, buckets: int) -> pa.Table:
+    """The group of a row's sha256: many sha256s share one, so each group call is vectorized
+    over thousands of rows (one call per sha256 cost ~1 ms a row in Python)."""
+    # crc32: stable across processes (Python's hash() is not); any text, hex or not.
+    ids = [zlib.crc32(h.encode()) if h else 0 for h in batch["sha256"].to_pylist()]
+    return _with_bucket(batch, np.array(ids, np.uint64), buckets)
+
+
 def _exact_group(group: pa.Table) -> pa.Table:
-    """One sha256's rows: the earliest position stays, the others name it."""
-    if group["sha256"].null_count:  # no sha256: nothing to compare (Ray groups the nulls)
-        return group
-    group = group.sort_by("position")
-    first = group["key"][0].as_py()
-    n = group.num_rows
-    reasons = [None] + ["duplicate_image"] * (n - 1)
-    errors = [None] + [f"same image as {first}"] * (n - 1)
+    """Rows of some sha256s: the earliest position of each stays, the others name it.
+
+    Rows without a sha256 are never duplicates."""
+    group = group.drop_columns(["bucket"]).sort_by(
+        [("sha256", "ascending"), ("position", "ascending")]
+    )
+    start = _run_starts(group["sha256"])
+    first = np.maximum.accumulate(np.where(start, np.arange(len(start)), 0))
+    keys = group["key"].to_pylist()
+    reasons = [None if s else "duplicate_image" for s in start]
+    errors = [None if s else f"same image as {keys[f]}" for s, f in zip(start, first, strict=True)]
     return _with_verdicts(group, reasons, errors)
 
 
-def _explode_bands(batch: pa.Table, max_distance: int) -> pa.Table:
-    """Each candidate row once per band, with that band's value as the group key."""
+def _explode_bands(batch: pa.Table, max_distance: int, buckets: int) -> pa.Table:
+    """Each candidate row once per band, with that band's value; grouped by (band, bucket of
+    the value), a group holds many band values, each compared only within itself."""
     batch = batch.filter(pc.is_valid(batch["phash"]))
     values = _phash_ints(batch["phash"].to_pylist())
     parts = []
     for b, (lo, hi) in enumerate(bands(max_distance)):
-        mask = np.uint64((1 << (hi - lo)) - 1)
-        band_values = ((values >> np.uint64(lo)) & mask).view(np.int64)
-        parts.append(
+        band_values = (values >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        part = (
             batch.select(_BANDS.names[:4])
             .append_column("band", pa.array(np.full(len(values), b, np.int64)))
-            .append_column("value", pa.array(band_values))
+            .append_column("value", pa.array(band_values.view(np.int64)))
         )
-    return pa.concat_tables(parts).cast(_BANDS)
+        parts.append(_with_bucket(part, band_values, buckets))
+    return pa.concat_tables(parts)
+
+
+def _band_group(group: pa.Table, max_distance: int) -> pa.Table:
+    """Rows of one band and some band values: the pairs within each value, verified."""
+    group = group.sort_by([("value", "ascending"), ("position", "ascending")])
+    start = np.flatnonzero(_run_starts(group["value"]))
+    stop = np.append(start[1:], group.num_rows)
+    found = [
+        _near_group(group.slice(a, b - a), max_distance)
+        for a, b in zip(start, stop, strict=True)
+        if b - a > 1  # most band values hold one row: nothing to compare
+    ]
+    return pa.concat_tables(found) if found else _PAIRS.empty_table()
 
 
 def _near_group(group: pa.Table, max_distance: int, block: int = 256) -> pa.Table:
@@ -244,19 +288,26 @@ def _near_group(group: pa.Table, max_distance: int, block: int = 256) -> pa.Tabl
     )
 
 
+def _pair_buckets(pairs: pa.Table, buckets: int) -> pa.Table:
+    return _with_bucket(pairs, pairs["position"].to_numpy().astype(np.uint64), buckets)
+
+
 def _near_verdict(pairs: pa.Table) -> pa.Table:
-    """One row's candidate pairs from all its bands -> its drop, naming the earliest winner."""
-    best = pairs.sort_by("winner_position").slice(0, 1).to_pylist()[0]
-    return pa.table(
-        {
-            "shard": [best["shard"]],
-            "key": [best["key"]],
-            "position": [best["position"]],
-            "reason": ["near_duplicate"],
-            "error": [
-                f"phash {best['phash']} is {best['distance']} bits from {best['winner_key']}"
-            ],
-        },
+    """Candidate pairs of some rows, from all their bands: each row's drop names the earliest
+    verified candidate."""
+    pairs = pairs.sort_by([("position", "ascending"), ("winner_position", "ascending")])
+    best = pairs.filter(pa.array(_run_starts(pairs["position"]))).to_pylist()
+    return pa.Table.from_pylist(
+        [
+            {
+                "shard": r["shard"],
+                "key": r["key"],
+                "position": r["position"],
+                "reason": "near_duplicate",
+                "error": f"phash {r['phash']} is {r['distance']} bits from {r['winner_key']}",
+            }
+            for r in best
+        ],
         schema=_DROP_ROWS,
     )
 
@@ -387,11 +438,16 @@ def _run(
             },
         )
     rows = rows.materialize()  # read once; the checks below branch from it
+    # Groups of ~GROUP_ROWS rows: few enough calls, small enough to hold in a task.
+    buckets = max(1, rows.count() // GROUP_ROWS)
     drops = [rows.map_batches(_dropped, batch_format="pyarrow")]
     alive = rows.map_batches(_alive, batch_format="pyarrow")
     if dedup_images:
         checked = (
-            alive.groupby("sha256").map_groups(_exact_group, batch_format="pyarrow").materialize()
+            alive.map_batches(_sha_buckets, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
+            .groupby("bucket")
+            .map_groups(_exact_group, batch_format="pyarrow")
+            .materialize()
         )
         drops.append(checked.map_batches(_dropped, batch_format="pyarrow"))
         alive = checked.map_batches(_alive, batch_format="pyarrow")
@@ -399,13 +455,16 @@ def _run(
     if near_distance is not None:
         near = (
             alive.map_batches(
-                _explode_bands, batch_format="pyarrow", fn_kwargs={"max_distance": near_distance}
+                _explode_bands,
+                batch_format="pyarrow",
+                fn_kwargs={"max_distance": near_distance, "buckets": buckets},
             )
-            .groupby(["band", "value"])
+            .groupby(["band", "bucket"])
             .map_groups(
-                _near_group, batch_format="pyarrow", fn_kwargs={"max_distance": near_distance}
+                _band_group, batch_format="pyarrow", fn_kwargs={"max_distance": near_distance}
             )
-            .groupby("position")
+            .map_batches(_pair_buckets, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
+            .groupby("bucket")
             .map_groups(_near_verdict, batch_format="pyarrow")
         )
         drops.append(near)
