@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import storage
+from pipeline.data import dedup
 from pipeline.data.dedup import DROPS, HASHES, MARKER, REASONS, finalize_shard, find_drops
 from pipeline.data.filters import NearDuplicateIndex
 
@@ -148,18 +149,19 @@ def check_against_reference(got: dict, expected: dict, rows, eval_hashes):
 
 
 @pytest.mark.parametrize(
-    "seed,near,dedup_images,decontaminate",
+    "seed,near,dedup_images,decontaminate,group_rows",
     [
-        (0, 0, True, False),
-        (1, 2, True, True),
-        (2, 4, False, True),
-        (3, 6, True, False),
-        (4, 8, True, True),
+        (0, 0, True, False, 50_000),
+        (1, 2, True, True, 37),  # many buckets a groupby: keys split across groups
+        (2, 4, False, True, 50_000),
+        (3, 6, True, False, 11),
+        (4, 8, True, True, 50_000),
     ],
 )
 def test_find_drops_matches_the_brute_force_reference(
-    ray_local, tmp_path, seed, near, dedup_images, decontaminate
+    ray_local, tmp_path, monkeypatch, seed, near, dedup_images, decontaminate, group_rows
 ):
+    monkeypatch.setattr(dedup, "GROUP_ROWS", group_rows)
     rows = random_rows(seed)
     rng = random.Random(seed)
     eval_hashes = []
