@@ -233,17 +233,60 @@ def _explode_bands(batch: pa.Table, max_distance: int, buckets: int) -> pa.Table
     return pa.concat_tables(parts)
 
 
+SMALL_RUN = 16  # rows of one band value compared all pairs at once, across values
+
+
 def _band_group(group: pa.Table, max_distance: int) -> pa.Table:
-    """Rows of one band and some band values: the pairs within each value, verified."""
+    """Rows of one band and some band values: the pairs within each value, verified; for each
+    row the earliest earlier row within the distance.
+
+    Most band values hold one row, most of the others a few: those are compared all at once
+    (row i against row i+k of the same value, for k < SMALL_RUN); a value held by more rows
+    (many alike images) goes through _near_group's blocked scan on its own.
+    """
     group = group.sort_by([("value", "ascending"), ("position", "ascending")])
-    start = np.flatnonzero(_run_starts(group["value"]))
-    stop = np.append(start[1:], group.num_rows)
-    found = [
-        _near_group(group.slice(a, b - a), max_distance)
-        for a, b in zip(start, stop, strict=True)
-        if b - a > 1  # most band values hold one row: nothing to compare
-    ]
-    return pa.concat_tables(found) if found else _PAIRS.empty_table()
+    n = group.num_rows
+    start = _run_starts(group["value"])
+    run = np.cumsum(start) - 1
+    run_size = np.bincount(run)[run]
+    small = run_size <= SMALL_RUN
+    values = _phash_ints(group["phash"].to_pylist())
+    found_j, found_i, found_d = [], [], []
+    for k in range(1, min(SMALL_RUN, n)):
+        i = np.arange(n - k)
+        same = (run[i] == run[i + k]) & small[i]
+        if not same.any():
+            break  # no small run holds more than k rows
+        d = np.bitwise_count(values[i] ^ values[i + k]).astype(np.int64)
+        ok = same & (d <= max_distance)
+        found_j.append(i[ok] + k)
+        found_i.append(i[ok])
+        found_d.append(d[ok])
+    parts = []
+    if found_j:
+        j, i, d = (np.concatenate(x) for x in (found_j, found_i, found_d))
+        order = np.lexsort((i, j))  # by row, then earliest candidate first
+        j, i, d = j[order], i[order], d[order]
+        first = np.ones(len(j), bool)
+        first[1:] = j[1:] != j[:-1]
+        j, i, d = j[first], i[first], d[first]
+        parts.append(
+            pa.table(
+                {
+                    "shard": group["shard"].take(j),
+                    "key": group["key"].take(j),
+                    "position": group["position"].take(j),
+                    "phash": group["phash"].take(j),
+                    "winner_key": group["key"].take(i),
+                    "winner_position": group["position"].take(i),
+                    "distance": pa.array(d, pa.int64()),
+                },
+                schema=_PAIRS,
+            )
+        )
+    big = np.flatnonzero(start & ~small)
+    parts += [_near_group(group.slice(a, run_size[a]), max_distance) for a in big]
+    return pa.concat_tables(parts) if parts else _PAIRS.empty_table()
 
 
 def _near_group(group: pa.Table, max_distance: int, block: int = 256) -> pa.Table:

@@ -65,6 +65,44 @@ def test_a_band_group_finds_each_rows_earliest_earlier_neighbour(hashes, distanc
     assert got == expected
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    hashes=st.lists(st.integers(0, 255), min_size=1, max_size=60),
+    distance=st.integers(0, 4),
+    small_run=st.integers(2, 6),
+    data=st.data(),
+)
+def test_a_bucket_of_band_values_pairs_rows_only_within_a_value(hashes, distance, small_run, data):
+    # The band value: the hash's low 2 bits, so a bucket holds 4 values, some held by more
+    # rows than SMALL_RUN (the blocked scan), some by fewer (compared all at once).
+    positions = data.draw(st.permutations(range(len(hashes))))
+    group = pa.table(
+        {
+            "shard": ["s"] * len(hashes),
+            "key": [f"k{p}" for p in positions],
+            "position": pa.array(positions, pa.int64()),
+            "phash": [f"{h:016x}" for h in hashes],
+            "band": pa.array([0] * len(hashes), pa.int64()),
+            "value": pa.array([h & 3 for h in hashes], pa.int64()),
+            "bucket": pa.array([0] * len(hashes), pa.int64()),
+        }
+    )
+    saved, dedup.SMALL_RUN = dedup.SMALL_RUN, small_run
+    try:
+        pairs = dedup._band_group(group, distance)
+    finally:
+        dedup.SMALL_RUN = saved
+    got = {r["key"]: (r["winner_key"], r["distance"]) for r in pairs.to_pylist()}
+    by_position = sorted(zip(positions, hashes, strict=True))
+    expected = {}
+    for j, (pj, hj) in enumerate(by_position):
+        for pi, hi in by_position[:j]:
+            if hi & 3 == hj & 3 and (hi ^ hj).bit_count() <= distance:
+                expected[f"k{pj}"] = (f"k{pi}", (hi ^ hj).bit_count())
+                break
+    assert got == expected
+
+
 SAMPLE_EXTRA = pa.schema([*schema.SAMPLE, ("uid", pa.int64())])
 REJECT_EXTRA = pa.schema([*schema.REJECT, ("uid", pa.int64())])
 
