@@ -334,6 +334,13 @@ def shard_ticker(progress: Path, total: int, log: Any, every_s: float = 15.0):
 def train(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     from pipeline.train.loop import run_training
 
+    if spec.inputs.shards is not None:  # once: a rerun finds the import whole and skips it
+        from pipeline.data.webdataset import import_shards
+
+        import_shards(
+            spec.inputs.shards, run.shards, spec.config.train.model,
+            spec.config.prepare.rows_per_shard, log,
+        )  # fmt: skip
     ident = train_identity(spec, run)
     if not begin(spec, run, "train", ident, log, folder=run.train).run:
         return run.stage("train")["metrics"]
@@ -633,10 +640,11 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
                 "steps": f"{_trials(spec)} trials, at most {cfg.sweep.max_steps} steps each",
                 "resources": f"{need['CPU']:g} CPU + {need['GPU']:g} GPU per running trial",
             }
+        importer = "the --shards import" if spec.inputs.shards else "prepare"
         if shards_fingerprint(run.shards) is None:
             return {
                 "action": "run",
-                "why": f"after {upstream or 'prepare'} writes the shards",
+                "why": f"after {upstream or importer} writes the shards",
                 **out,
             }
         ident = train_identity(spec, run) if name == "train" else sweep_identity(spec, run)

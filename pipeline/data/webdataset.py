@@ -5,10 +5,11 @@ KEY.jpg (the image bytes as stored), KEY.txt (the caption) and KEY.json (every o
 but the tokens, which belong to one tokenizer): the layout img2dataset writes and
 open_clip's trainer reads (`--dataset-type webdataset`).
 
-In: tars of that layout (ours, img2dataset's, anyone's with jpg + txt) become rows of the
-shard schema (pipeline/schema.py SAMPLE): Ray Data's `read_webdataset` reads them, the
-captions are tokenized with the open_clip tokenizer of the model to train, as prepare does,
-and the rows are written as Parquet shards, which training then streams by its usual plan.
+In (`jobs/train.py --shards`): tars of that layout (ours, img2dataset's, anyone's with jpg +
+txt), or another run's Parquet shards, become rows of the shard schema (pipeline/schema.py
+SAMPLE): Ray Data reads them (`read_webdataset`, `read_parquet`), the captions are tokenized
+with the open_clip tokenizer of the model to train, as prepare does, and the rows are written
+as Parquet shards, which training then streams by its usual deterministic plan.
 Missing metadata is derived: sizes from the JPEG header, sha256 from the bytes.
 """
 
@@ -39,18 +40,26 @@ def _is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
-def list_tars(source: str) -> list[str]:
-    """A .tar file, or every .tar under a folder (local or fsspec URL), sorted."""
+def find_shards(source: str) -> tuple[str, list[str]]:
+    """("webdataset", tars) or ("parquet", files): a .tar or .parquet file, or every one under
+    a folder (local or fsspec URL), sorted; tars win when a folder holds both."""
     fs, root = fsspec.core.url_to_fs(str(source))
     if not fs.exists(root):
         raise FileNotFoundError(f"{source}: no such file or folder")
-    if fs.isfile(root):
-        found = [root] if root.endswith(".tar") else []
-    else:
-        found = [p for p in fs.find(root) if p.endswith(".tar")]
-    if not found:
+    found = [root] if fs.isfile(root) else fs.find(root)
+    found = [p for p in found if not p.rsplit("/", 1)[-1].startswith(".")]  # partial writes
+    for kind, suffix in (("webdataset", ".tar"), ("parquet", ".parquet")):
+        files = sorted(p for p in found if p.endswith(suffix))
+        if files:
+            return kind, [fs.unstrip_protocol(p) if _is_uri(source) else p for p in files]
+    raise ValueError(f"{source}: no WebDataset .tar files and no .parquet shards")
+
+
+def list_tars(source: str) -> list[str]:
+    kind, files = find_shards(source)
+    if kind != "webdataset":
         raise ValueError(f"{source}: no WebDataset .tar files")
-    return sorted(fs.unstrip_protocol(p) if _is_uri(source) else p for p in found)
+    return files
 
 
 # -- out: Parquet shard -> tar ----------------------------------------------------------------
@@ -112,9 +121,9 @@ def export_webdataset(shards: str | Path, dest: str) -> dict[str, int]:
 
 # -- in: tar samples -> shard rows ------------------------------------------------------------
 def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value if isinstance(value, str) else None  # a missing member: None or NaN
 
 
 def _image_size(jpg: bytes) -> tuple[int, int]:
@@ -126,15 +135,17 @@ def _image_size(jpg: bytes) -> tuple[int, int]:
 
 def sample_rows(samples: dict[str, Any], tokenizer: Any) -> pa.Table:
     """WebDataset samples (columns __key__, jpg, txt, json: raw bytes, as `read_webdataset`
-    gives them with decoding off) -> rows of the shard schema, tokens from `tokenizer`."""
+    gives them without a decoder; a sample may lack txt or json, null or NaN then) -> rows of
+    the shard schema, tokens from `tokenizer`."""
     out: dict[str, list] = {name: [] for name in schema.SAMPLE.names}
     n = len(samples["__key__"])
     for i in range(n):
         jpg = samples["jpg"][i]
         if jpg is None:
             raise ValueError(f"sample {samples['__key__'][i]!r} has no .jpg member")
-        meta = json.loads(samples["json"][i]) if samples.get("json") is not None else {}
-        meta = meta or {}
+        meta = samples["json"][i] if samples.get("json") is not None else None
+        meta = json.loads(meta) if isinstance(meta, bytes | str) else meta
+        meta = meta if isinstance(meta, dict) else {}
         caption = _text(samples["txt"][i]) if samples.get("txt") is not None else None
         caption = caption if caption is not None else meta.get("caption")
         if caption is None:
@@ -158,7 +169,8 @@ def sample_rows(samples: dict[str, Any], tokenizer: Any) -> pa.Table:
 
 
 class SampleRows:
-    """Ray Data callable class: the tokenizer loads once per actor."""
+    """Ray Data callable class: tar samples (or Parquet shard rows) -> shard rows with tokens
+    for `model`; the tokenizer loads once per actor."""
 
     def __init__(self, model: str):
         from pipeline.data.tokenize import load_tokenizer
@@ -167,43 +179,55 @@ class SampleRows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         columns = {k: list(v) for k, v in batch.items()}
+        if "__key__" not in columns:  # Parquet rows of the shard schema: new tokens only
+            captions = [str(c) for c in columns["caption"]]
+            tokens = self.tokenizer(captions).numpy().astype(np.int32)
+            columns["tokens"] = [t.tolist() for t in tokens]
+            return pa.Table.from_pydict(columns, schema=schema.SAMPLE)
         for member in ("txt", "json"):
             columns.setdefault(member, None)
         return sample_rows(columns, self.tokenizer)
 
 
-def tar_fingerprint(tars: list[str]) -> list[list]:
-    """Names and sizes of the tars: another set (or a rewritten tar) is another import."""
+def files_fingerprint(files: list[str]) -> list[list]:
+    """Names and sizes: another set of files (or a rewritten one) is another import."""
     out = []
-    for tar in tars:
-        fs, path = fsspec.core.url_to_fs(tar)
-        out.append([tar, int(fs.size(path))])
+    for name in files:
+        fs, path = fsspec.core.url_to_fs(name)
+        out.append([name, int(fs.size(path))])
     return out
 
 
-def import_webdataset(
+def import_shards(
     source: str, shards: Path, model: str, rows_per_shard: int = 10_000, log: Any = print
 ) -> int:
-    """WebDataset tars at `source` -> Parquet shards in `shards`, tokens for `model`.
+    """WebDataset tars (or Parquet shards of another run) at `source` -> Parquet shards in
+    `shards`, tokens for `model`, so training streams them by its usual plan.
 
     Whole or not at all: the Parquet files are written first and IMPORT_MARKER last; an import
-    that finds no marker matching these tars clears the folder's Parquet files and redoes it.
+    that finds no marker matching these files clears the folder's Parquet files and redoes it.
     Returns the rows imported. The caller starts Ray."""
     import ray
 
-    tars = list_tars(source)
+    kind, files = find_shards(source)
     shards = Path(shards)
     marker = shards / IMPORT_MARKER
-    identity = {"source": str(source), "tars": tar_fingerprint(tars), "model": model}
+    identity = {"source": str(source), "files": files_fingerprint(files), "model": model}
     if marker.exists():
         done = json.loads(marker.read_text())
         if {k: done.get(k) for k in identity} == identity:
             return int(done["rows"])
     shards.mkdir(parents=True, exist_ok=True)
-    for old in list(shards.glob("*.parquet")) + [marker]:
+    for old in [marker, *shards.glob("*.parquet")]:
         old.unlink(missing_ok=True)
-    log(f"[train] reading {len(tars)} WebDataset tars from {source}")
-    ds = ray.data.read_webdataset(tars, decoder=False, suffixes=["jpg", "txt", "json"])
+    log(f"[train] reading {len(files)} {kind} files from {source}")
+    if kind == "webdataset":
+        # No decoder (None; False would still run the default one, which decodes the JPEG to
+        # pixels): the image stays the bytes it was stored as; txt and json decode here.
+        ds = ray.data.read_webdataset(files, decoder=None, suffixes=["jpg", "txt", "json"])
+    else:
+        columns = [c for c in schema.SAMPLE.names if c != "tokens"]
+        ds = ray.data.read_parquet(files, columns=columns)
     ds = ds.map_batches(
         SampleRows,
         fn_constructor_kwargs={"model": model},
@@ -216,5 +240,5 @@ def import_webdataset(
     tmp = marker.with_name(marker.name + ".partial")
     tmp.write_text(json.dumps({**identity, "rows": rows}, indent=1))
     os.replace(tmp, marker)
-    log(f"[train] {rows} samples from the tars written as Parquet shards in {shards}")
+    log(f"[train] {rows} samples written as Parquet shards in {shards}")
     return rows

@@ -142,3 +142,28 @@ def test_export_job_without_shards_is_one_error_line(tmp_path):
         f"error: no Parquet shards in {tmp_path / 'run' / 'data' / 'shards'}: "
         "run jobs/prepare_data.py first"
     ]
+
+
+def test_train_shards_input_is_checked_before_ray(tmp_path):
+    from pipeline.spec import Inputs, SpecError, build_spec, validate
+
+    def spec(source):
+        return build_spec(
+            preset="tiny", run_dir=str(tmp_path / "run"), stages=("train",),
+            inputs=Inputs(shards=source),
+        )  # fmt: skip
+
+    with pytest.raises(FileNotFoundError, match=r"^--shards: .*missing: no such file"):
+        validate(spec("missing"))  # relative: resolved against the current directory
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="--shards: .* no WebDataset .tar files and no .parquet"):
+        validate(spec(str(tmp_path / "notes")))
+    write_shard(tmp_path / "wds-src" / "part-00000.parquet", 2)
+    shard_to_tar(str(tmp_path / "wds-src" / "part-00000.parquet"), str(tmp_path / "wds" / "a.tar"))
+    ok = validate(spec(str(tmp_path / "wds")))
+    assert ok.inputs.shards == str(tmp_path / "wds")
+    # A run whose shards prepare wrote is not overwritten by an import.
+    write_shard(tmp_path / "run" / "data" / "shards" / "part-00000.parquet", 2)
+    with pytest.raises(SpecError, match="already holds prepared shards"):
+        validate(spec(str(tmp_path / "wds")))
