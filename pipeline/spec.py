@@ -456,13 +456,14 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _check_shards_input(source: str, shards: Path) -> None:
     """--shards names tars or Parquet shards, and the run's shards are no prepare's output."""
-    from pipeline.data.webdataset import IMPORT_MARKER, find_shards
+    from pipeline.data.webdataset import IMPORT_MARKER, IMPORT_STARTED, find_shards
 
     try:
         find_shards(source)
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"--shards: {err}") from None
-    if any(shards.glob("*.parquet")) and not (shards / IMPORT_MARKER).exists():
+    imported = any((shards / name).exists() for name in (IMPORT_MARKER, IMPORT_STARTED))
+    if any(shards.glob("*.parquet")) and not imported:
         raise SpecError(
             f"--shards: {shards} already holds prepared shards, which an import would replace; "
             "choose another --run-dir"

@@ -34,6 +34,7 @@ from pipeline import schema
 # for whichever model reads the tars.
 NOT_IN_JSON = ("jpg", "caption", "tokens")
 IMPORT_MARKER = ".imported.json"  # in the shards folder, written last: the import is whole
+IMPORT_STARTED = ".importing.json"  # written first: the folder's Parquet files are an import's
 
 
 def _is_uri(path: str) -> bool:
@@ -218,6 +219,9 @@ def import_shards(
         if {k: done.get(k) for k in identity} == identity:
             return int(done["rows"])
     shards.mkdir(parents=True, exist_ok=True)
+    # Claimed first, so a killed import's files are known as an import's and cleared by the
+    # rerun (never mistaken for prepare's shards).
+    (shards / IMPORT_STARTED).write_text(json.dumps(identity))
     for old in [marker, *shards.glob("*.parquet")]:
         old.unlink(missing_ok=True)
     log(f"[train] reading {len(files)} {kind} files from {source}")
@@ -240,5 +244,6 @@ def import_shards(
     tmp = marker.with_name(marker.name + ".partial")
     tmp.write_text(json.dumps({**identity, "rows": rows}, indent=1))
     os.replace(tmp, marker)
+    (shards / IMPORT_STARTED).unlink()
     log(f"[train] {rows} samples written as Parquet shards in {shards}")
     return rows

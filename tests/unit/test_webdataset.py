@@ -167,3 +167,8 @@ def test_train_shards_input_is_checked_before_ray(tmp_path):
     write_shard(tmp_path / "run" / "data" / "shards" / "part-00000.parquet", 2)
     with pytest.raises(SpecError, match="already holds prepared shards"):
         validate(spec(str(tmp_path / "wds")))
+    # An import killed midway left its claim: its files are its own, and the rerun redoes it.
+    from pipeline.data.webdataset import IMPORT_STARTED
+
+    (tmp_path / "run" / "data" / "shards" / IMPORT_STARTED).write_text("{}")
+    assert validate(spec(str(tmp_path / "wds"))).inputs.shards == str(tmp_path / "wds")
