@@ -203,6 +203,16 @@ def job_parser(description: str, sections: tuple[str, ...], *, inputs: tuple[str
             help="image folder (one sub-folder per class, optional classnames.txt / "
             "templates.txt); default: the demo's eval folder",
         )
+    if "shards" in inputs:
+        parser.add_argument(
+            "--shards",
+            default=None,
+            metavar="DIR_OR_URI",
+            help="train on these instead of prepare's shards: WebDataset tars (jpg + txt per "
+            "sample, as img2dataset and jobs/export_wds.py write) or another run's Parquet "
+            "shards, a file or folder, local or fsspec URL; imported into RUN/data/shards with "
+            "tokens for --model",
+        )
     add_spec_args(parser, sections)
     return parser
 
@@ -232,6 +242,7 @@ def spec_from_args(
             url_list=getattr(args, "input", None),
             eval_dataset=getattr(args, "eval_dataset", None),
             val_dataset=getattr(args, "val_dataset", None),
+            shards=getattr(args, "shards", None),
         ),
         options=Options(
             force=args.force,

@@ -165,12 +165,9 @@ def standalone(args: argparse.Namespace) -> dict:
 
     init_ray(args.address)
     resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    use_gpu = gpus > 0 if args.use_gpu is None else args.use_gpu
-    if use_gpu and gpus == 0:
+    if args.use_gpu and not resources.get("GPU"):
         raise ValueError("--use-gpu: the Ray cluster has no GPUs")
-    # CPU actors run torch on the one CPU Ray gives each; half the CPUs leaves room for reads.
-    concurrency = args.concurrency or (gpus if use_gpu else max(1, min(8, cpus // 2)))
+    use_gpu, concurrency = ev.embedding_resources(resources, args.use_gpu, args.concurrency)
     cfg = dataclasses.replace(cfg, concurrency=concurrency)
 
     start = time.perf_counter()

@@ -334,6 +334,13 @@ def shard_ticker(progress: Path, total: int, log: Any, every_s: float = 15.0):
 def train(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     from pipeline.train.loop import run_training
 
+    if spec.inputs.shards is not None:  # once: a rerun finds the import whole and skips it
+        from pipeline.data.webdataset import import_shards
+
+        import_shards(
+            spec.inputs.shards, run.shards, spec.config.train.model,
+            spec.config.prepare.rows_per_shard, log,
+        )  # fmt: skip
     ident = train_identity(spec, run)
     if not begin(spec, run, "train", ident, log, folder=run.train).run:
         return run.stage("train")["metrics"]
@@ -379,6 +386,24 @@ def sweep(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     return winner
 
 
+def eval_resources(spec: RunSpec, cluster: dict[str, float] | None = None):
+    """(eval config with its actor count, use_gpu): a GPU per embedding actor when the cluster
+    has GPUs, or when training asked for them (an autoscaling cluster may have let its GPU
+    nodes go; the actors' requests bring one back). Not part of the eval's identity: the
+    figures agree on either device up to float rounding."""
+    from pipeline.evaluate import embedding_resources
+
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    cfg = spec.config.eval
+    use_gpu, concurrency = embedding_resources(
+        cluster, True if spec.config.train.use_gpu else None, cfg.concurrency
+    )
+    return dataclasses.replace(cfg, concurrency=concurrency), use_gpu
+
+
 def evaluate(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     from pipeline.evaluate import (
         clip_benchmark_keys,
@@ -394,9 +419,11 @@ def evaluate(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     ident = eval_identity(spec, run)
     if not begin(spec, run, "eval", ident, log).run:
         return json.loads(run.eval_results_path.read_text())
-    results = evaluate_zero_shot(run.model, dataset, spec.config.eval, log=log)
+    cfg, use_gpu = eval_resources(spec)
+    log(f"[eval] {cfg.concurrency} embedding actors" + (", 1 GPU each" if use_gpu else ", on CPUs"))
+    results = evaluate_zero_shot(run.model, dataset, cfg, use_gpu, log=log)
     if retrieval is not None and retrieval.exists():
-        results.update(evaluate_retrieval(run.model, retrieval, spec.config.eval, log=log))
+        results.update(evaluate_retrieval(run.model, retrieval, cfg, use_gpu, log=log))
     results["dataset"] = str(dataset)
     results.update(clip_benchmark_keys(results, model=str(run.model), pretrained=None))
     write_json_atomic(run.eval_results_path, results)
@@ -613,10 +640,11 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
                 "steps": f"{_trials(spec)} trials, at most {cfg.sweep.max_steps} steps each",
                 "resources": f"{need['CPU']:g} CPU + {need['GPU']:g} GPU per running trial",
             }
+        importer = "the --shards import" if spec.inputs.shards else "prepare"
         if shards_fingerprint(run.shards) is None:
             return {
                 "action": "run",
-                "why": f"after {upstream or 'prepare'} writes the shards",
+                "why": f"after {upstream or importer} writes the shards",
                 **out,
             }
         ident = train_identity(spec, run) if name == "train" else sweep_identity(spec, run)

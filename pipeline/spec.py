@@ -51,6 +51,8 @@ class Inputs:
     url_list: str | None = None
     eval_dataset: str | None = None
     val_dataset: str | None = None
+    # WebDataset tars (or another run's Parquet shards) the train stage imports as its shards.
+    shards: str | None = None
     # The URL list's content (or the demo corpus's config): prepare's identity includes it.
     url_list_fingerprint: str | None = None
 
@@ -383,6 +385,7 @@ def build_spec(
         url_list=_absolute(inputs.url_list),
         eval_dataset=_absolute(inputs.eval_dataset),
         val_dataset=_absolute(inputs.val_dataset),
+        shards=_absolute(inputs.shards),
     )
     return RunSpec(
         config=cfg,
@@ -451,6 +454,22 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _check_shards_input(source: str, shards: Path) -> None:
+    """--shards names tars or Parquet shards, and the run's shards are no prepare's output."""
+    from pipeline.data.webdataset import IMPORT_MARKER, IMPORT_STARTED, find_shards
+
+    try:
+        find_shards(source)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"--shards: {err}") from None
+    imported = any((shards / name).exists() for name in (IMPORT_MARKER, IMPORT_STARTED))
+    if any(shards.glob("*.parquet")) and not imported:
+        raise SpecError(
+            f"--shards: {shards} already holds prepared shards, which an import would replace; "
+            "choose another --run-dir"
+        )
+
+
 def validate(spec: RunSpec) -> RunSpec:
     """Check the spec against what is on disk, before Ray starts; returns it with the URL
     list's fingerprint resolved. Errors name the flag or field to fix."""
@@ -498,6 +517,8 @@ def validate(spec: RunSpec) -> RunSpec:
         from pipeline.train.loop import check_config
 
         check_config(cfg.train)
+    if inputs.shards is not None:
+        _check_shards_input(inputs.shards, Path(spec.run_dir) / "data" / "shards")
     if "sweep" in stages:
         from pipeline.tune.sweep import check_sweep
 

@@ -34,7 +34,13 @@ from pipeline.evaluate.datasets import (
     resolve_classnames,
     resolve_templates,
 )
-from pipeline.evaluate.embedding import ImageEmbedder, embed_images, embed_parquet, torch_device
+from pipeline.evaluate.embedding import (
+    ImageEmbedder,
+    embed_images,
+    embed_parquet,
+    embedding_resources,
+    torch_device,
+)
 from pipeline.evaluate.metrics import (
     RETRIEVAL_KS,
     classification_metrics,
@@ -55,6 +61,7 @@ __all__ = [
     "classification_metrics",
     "embed_images",
     "embed_parquet",
+    "embedding_resources",
     "evaluate_retrieval",
     "evaluate_zero_shot",
     "format_markdown",

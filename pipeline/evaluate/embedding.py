@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,26 @@ from pipeline.evaluate.models import ModelRef, load_model, resolve_model
 
 def torch_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def embedding_resources(
+    cluster: Mapping[str, float], use_gpu: bool | None = None, concurrency: int | None = None
+) -> tuple[bool, int]:
+    """(use_gpu, most embedding actors) for a cluster's resources (`ray.cluster_resources()`).
+
+    use_gpu None: a GPU per actor when the cluster has GPUs. concurrency None: one actor per
+    GPU, else half the CPUs (at most 8: CPU actors run torch on the one CPU Ray gives each, the
+    other half reads); given, it is capped at the GPUs the cluster has now (an autoscaling
+    cluster with none up yet keeps it: its actors' GPU requests bring GPU nodes up).
+    """
+    gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 1))
+    if use_gpu is None:
+        use_gpu = gpus > 0
+    if concurrency is None:
+        concurrency = gpus if use_gpu else min(8, cpus // 2)
+    elif use_gpu and gpus > 0:
+        concurrency = min(concurrency, gpus)
+    return use_gpu, max(1, concurrency)
 
 
 class ImageEmbedder:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,6 +14,11 @@ import jsonschema
 import pytest
 import ray
 import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
 from ray.autoscaler._private.resource_demand_scheduler import (
     _default_utilization_scorer,
@@ -66,11 +72,63 @@ def test_node_types_scale_from_zero(name):
     assert gpu["min_workers"] == 0 and gpu["max_workers"] > 0
     assert gpu["resources"]["GPU"] == 8
     assert cpu["max_workers"] + gpu["max_workers"] <= config["max_workers"]
-    assert gpu["docker"]["worker_image"].endswith("-gpu")
-    # The cluster runs the Ray that submits to it (`ray up` refuses a mismatch halfway).
-    images = [config["docker"]["head_image"], config["docker"]["worker_image"]]
-    for image in [*images, gpu["docker"]["worker_image"]]:
-        assert image.startswith(f"rayproject/ray:{ray.__version__}-"), image
+
+
+def _image_cuda(image: str) -> str:
+    """The torch build an image tag names: REGISTRY/clip-pipeline:2.60.0-cu128 -> cu128."""
+    return image.rsplit(":", 1)[1].rsplit("-", 1)[1]
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_every_node_runs_the_image_built_from_the_dockerfile(name):
+    raw = _load(name)
+    docker = raw["docker"]
+    # One image for the head and every worker type: no per-type or head/worker override.
+    assert set(docker) == {"image", "container_name", "pull_before_run", "run_options"}
+    assert all("docker" not in t for t in raw["available_node_types"].values())
+    image = docker["image"]
+    assert image.rsplit(":", 1)[0].endswith("/clip-pipeline"), image
+    # The tag names the Ray it holds (the one that submits to it: `ray up` refuses a mismatch
+    # halfway) and the torch build, the Dockerfile's default.
+    assert image.rsplit(":", 1)[1] == f"{ray.__version__}-{_default_build()['cuda']}"
+    assert (
+        image
+        == _load("kuberay/raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"][
+            "containers"
+        ][0]["image"]
+    )
+    # Nothing installed per node: the image holds every dependency.
+    commands = [
+        *raw["initialization_commands"],
+        *raw["setup_commands"],
+        *raw["head_setup_commands"],
+        *raw["worker_setup_commands"],
+    ]
+    assert not [c for c in commands if "pip install" in c], commands
+    config = _ray_up_config(name)  # Ray's defaults merged in: still one image everywhere
+    for node_type in config["available_node_types"].values():
+        assert node_type.get("docker", {}).get("worker_image", image) == image
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_runs_need_no_shared_mount_and_workers_reach_the_bucket(name):
+    raw = _load(name)
+    text = (CLUSTER / name).read_text()
+    # The shared mount is an option in comments only: nothing mounts or binds /mnt/shared.
+    live = [line for line in text.splitlines() if "/mnt/shared" in line.split("#", 1)[0]]
+    assert live == []
+    assert raw["initialization_commands"] == []
+    assert not any("/mnt" in option for option in raw["docker"]["run_options"])
+    # Code comes in the image (and per job with --working-dir), not as a file mount.
+    assert set(raw["file_mounts"]) == {"~/.ray/auth_token"}
+    for node_type in (CPU_TYPE, GPU_TYPE):
+        node = raw["available_node_types"][node_type]["node_config"]
+        if name == "aws.yaml":  # an instance profile whose role holds the bucket's access
+            assert node["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
+        else:  # a service account with the cloud-platform scope (its IAM roles decide)
+            (account,) = node["serviceAccounts"]
+            assert account["email"].endswith(".iam.gserviceaccount.com")
+            assert account["scopes"] == ["https://www.googleapis.com/auth/cloud-platform"]
 
 
 def test_cpu_workers_are_spot():
@@ -146,19 +204,9 @@ def test_start_commands_lock_the_cluster_down(name):
     assert "--address=$RAY_HEAD_IP:6379" in workers and "--port=6379" in head
 
 
-@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
-def test_setup_installs_this_project_from_the_shipped_tree(name):
-    config = _load(name)
-    assert config["file_mounts"]["~/clip-pipeline"] == "."
-    assert any("pip install" in c and "~/clip-pipeline" in c for c in config["setup_commands"])
-    # Run data never rides along with the code.
-    assert ".gitignore" in config["rsync_filter"]
-    assert "/runs/" in (CLUSTER.parent / ".gitignore").read_text().splitlines()
-
-
 def test_aws_and_gcp_describe_the_same_cluster():
     aws, gcp = _load("aws.yaml"), _load("gcp.yaml")
-    for key in ("max_workers", "idle_timeout_minutes", "file_mounts", "setup_commands"):
+    for key in ("max_workers", "idle_timeout_minutes", "file_mounts", "setup_commands", "docker"):
         assert aws[key] == gcp[key], key
     assert aws["head_start_ray_commands"] == gcp["head_start_ray_commands"]
     assert aws["worker_start_ray_commands"] == gcp["worker_start_ray_commands"]
@@ -180,8 +228,15 @@ def _check_group(group: dict, head: bool) -> list[dict]:
     for kind in ("requests", "limits"):
         assert ray_container["resources"][kind]["cpu"], kind
         assert ray_container["resources"][kind]["memory"], kind
+    # Runs live on a bucket: no pod mounts a shared volume (shared-pvc.yaml is an option)...
+    volumes = group["template"]["spec"].get("volumes", [])
+    assert not [v for v in volumes if "persistentVolumeClaim" in v], volumes
     mounts = {m["mountPath"] for m in ray_container.get("volumeMounts", [])}
-    assert "/mnt/shared" in mounts  # the run directory, shared by every pod
+    assert mounts <= {"/dev/shm"}, mounts
+    # ...and every pod reaches it as one service account, bound to the bucket's access.
+    assert group["template"]["spec"]["serviceAccountName"] == _service_account()
+    # Every pod runs the image built from the Dockerfile, with its default torch build.
+    assert _image_cuda(ray_container["image"]) == _default_build()["cuda"]
     if not head:
         assert group["groupName"]
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -226,25 +281,85 @@ def test_rayjob_runs_pretrain_on_the_same_cluster():
     spec = manifest["spec"]
     entrypoint = spec["entrypoint"].split()
     assert entrypoint[:2] == ["python", "/home/ray/clip-pipeline/jobs/pretrain.py"]
-    assert entrypoint[entrypoint.index("--run-dir") + 1].startswith("/mnt/shared/")
+    # Run dir, URL list and eval set on a bucket: no pod needs a shared file system.
+    for flag in ("--run-dir", "--input", "--eval-dataset"):
+        assert re.match(r"(s3|gs)://[^/]+/", entrypoint[entrypoint.index(flag) + 1]), flag
     assert spec["shutdownAfterJobFinishes"] is True
     _check_cluster_spec(spec["rayClusterSpec"])
     # One cluster definition in two files: they must not drift apart.
     assert spec["rayClusterSpec"] == _load("kuberay/raycluster.yaml")["spec"]
 
 
-def test_kuberay_image_holds_the_entrypoint():
+def _service_account() -> str:
+    account = _load("kuberay/serviceaccount.yaml")
+    assert account["apiVersion"] == "v1" and account["kind"] == "ServiceAccount"
+    return account["metadata"]["name"]
+
+
+def _dockerfile_args() -> dict[str, str]:
+    text = (CLUSTER / "Dockerfile").read_text()
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+
+
+def _constraints(path: Path) -> dict[str, str]:
+    """{index, torch, torchvision, cuda} of a constraints file; pins are `name==version`."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    index = [line.split()[1] for line in lines if line.startswith("--extra-index-url")]
+    pins = dict(line.split("==") for line in lines if "==" in line)
+    assert len(index) == 1 and set(pins) == {"torch", "torchvision"}, lines
+    return {"index": index[0], **pins, "cuda": index[0].rstrip("/").rsplit("/", 1)[1]}
+
+
+def _default_build() -> dict[str, str]:
+    args = _dockerfile_args()
+    return _constraints(CLUSTER.parent / args["TORCH_CONSTRAINTS"])
+
+
+def test_dockerfile_installs_the_project_with_pinned_torch():
     # The Dockerfile puts the project where the RayJob's entrypoint looks for it.
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert "WORKDIR /home/ray/clip-pipeline" in dockerfile
     assert re.search(r"^COPY .* jobs \./jobs$", dockerfile, re.M)
-    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-", dockerfile, re.M)
+    assert re.search(r"^COPY .* cluster \./cluster$", dockerfile, re.M)  # the constraints
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
+    # One pip install, under the torch constraints, with the S3/GCS file systems.
+    (install,) = re.findall(r"^RUN pip install .*$", dockerfile, re.M)
+    assert "-c ${TORCH_CONSTRAINTS}" in install and '".[cloud]"' in install
+    cloud = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]
+    assert {"s3fs", "gcsfs"} <= set(cloud["optional-dependencies"]["cloud"])
+    # The base image's CUDA is the torch build's: rayproject/ray:2.60.0-py311-cu128 with
+    # torch==X+cu128 from download.pytorch.org/whl/cu128.
+    base = _dockerfile_args()["BASE_IMAGE"]
+    assert base.startswith(f"rayproject/ray:{ray.__version__}-py311-"), base
+    build = _default_build()
+    assert base.rsplit("-", 1)[1] == build["cuda"]
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER.glob("constraints-*.txt")), ids=lambda p: p.name)
+def test_torch_pins_name_one_build(path):
+    build = _constraints(path)
+    assert path.name == f"constraints-{build['cuda']}.txt"
+    assert build["index"] == f"https://download.pytorch.org/whl/{build['cuda']}"
+    torch_version, torch_build = build["torch"].split("+")
+    vision_version, vision_build = build["torchvision"].split("+")
+    assert torch_build == vision_build == build["cuda"]
+    # torchvision 0.(N+15).P is the release built against torch 2.N.P.
+    major, minor, patch = (int(x) for x in torch_version.split("."))
+    assert major == 2 and vision_version == f"0.{minor + 15}.{patch}"
+
+
+def test_all_constraints_pin_the_same_torch():
+    builds = [_constraints(p) for p in sorted(CLUSTER.glob("constraints-*.txt"))]
+    assert {b["cuda"] for b in builds} >= {"cpu", _default_build()["cuda"]}
+    assert len({b["torch"].split("+")[0] for b in builds}) == 1
+    assert len({b["torchvision"].split("+")[0] for b in builds}) == 1
+
+
+def test_shared_volume_stays_an_option():
     claim = _load("kuberay/shared-pvc.yaml")
     assert claim["kind"] == "PersistentVolumeClaim"
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    volumes = _load("kuberay/raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]
-    names = [v["persistentVolumeClaim"]["claimName"] for v in volumes["volumes"]]
-    assert names == [claim["metadata"]["name"]]
 
 
 def test_runtime_env_ships_code_not_run_data(tmp_path):
