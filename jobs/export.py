@@ -49,7 +49,7 @@ def main() -> None:
     except (ValueError, FileNotFoundError, storage.StorageError) as err:
         fail(err)
     print(
-        f"model copied to {to}; load it with open_clip.create_model_and_transforms('local-dir:{to}')"
+        f"model copied to {to}; open_clip loads it: create_model_and_transforms('local-dir:{to}')"
     )
 
 

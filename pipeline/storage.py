@@ -85,6 +85,8 @@ def filesystem(path: str | os.PathLike):
             raise StorageError(
                 f"{text}: {scheme}:// needs the {package} package (pip install {package})"
             ) from e
+        if isinstance(e, ImportError):
+            raise StorageError(f"{text}: {scheme}:// needs a package that is missing ({e})") from e
         raise StorageError(f"{text}: {e}") from e
 
 
@@ -233,6 +235,7 @@ def check_writable(folder: str | os.PathLike) -> None:
     location are found before any stage starts, not halfway through one.
     """
     folder = os.fspath(folder)
+    filesystem(folder)  # a scheme without its package is named with the folder, not the probe
     probe = join(folder, f".write-probe-{uuid.uuid4().hex}")
     try:
         write_bytes(probe, b"")
