@@ -289,8 +289,20 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     return stats
 
 
+def prepare_local_only(run: RunDir) -> None:
+    """Until prepare writes through pipeline.storage (issue 14), it writes local paths only:
+    on a bucket it would make a local folder named `s3:`. Refused before anything starts."""
+    if storage.is_uri(run.root):
+        raise ValueError(
+            f"{run.root}: the prepare stage cannot write to a bucket yet; prepare into a local "
+            "run dir and copy it (its manifest and data/) to the bucket, then run the rest there"
+        )
+
+
 def _run_prepare(spec, run, urls, path, fingerprint, decision, log):
     from pipeline.data.prepare import run_prepare
+
+    prepare_local_only(run)
 
     log(f"[prepare] {len(urls)} rows from {path}")
     total = -(-len(urls) // spec.config.prepare.rows_per_shard)
@@ -603,6 +615,8 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
         if not d.run and spec.options.retry_failed:
             d = Decision(True, "--retry-failed: fetch the transient failures again")
         p = cfg.prepare.download
+        if d.run:
+            prepare_local_only(run)
         return {
             "action": "run" if d.run else "skip",
             "why": d.why,
