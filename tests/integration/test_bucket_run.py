@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import boto3
+import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline import pretrain, storage
 from pipeline.config import TrainConfig
@@ -25,6 +29,7 @@ from pipeline.spec import Inputs, Options, build_spec, validate
 from pipeline.train.loop import CHECKPOINT_FILE, run_training
 from tests.integration.test_train_ray import _train_workers_of_this_ray, _write_shards
 
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
@@ -102,21 +107,17 @@ def test_tiny_pipeline_end_to_end_in_a_bucket(ray_local, bucket, tmp_path, monke
     assert not (work / "s3:").exists()
 
     # The exported model loads with open_clip after a plain copy (jobs/export.py).
-    import importlib.util
-
-    import open_clip
-
-    spec_mod = importlib.util.spec_from_file_location(
-        "export_job", Path(__file__).resolve().parents[2] / "jobs" / "export.py"
-    )
-    job = importlib.util.module_from_spec(spec_mod)
-    spec_mod.loader.exec_module(job)
-    out = job.export(run_uri, str(tmp_path / "exported"))
-    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    out = tmp_path / "exported"
+    subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "export.py"), "--run-dir", run_uri, "--to", str(out)],
+        cwd=work, check=True, timeout=300,
+    )  # fmt: skip
     assert sorted(os.listdir(out)) == [
         "open_clip_config.json", "open_clip_model.safetensors", "run_card.json"
     ]  # fmt: skip
-    assert sum(p.numel() for p in model.parameters()) > 0
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    exported = load_file(out / "open_clip_model.safetensors")
+    assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
 
 
 def dataclasses_replace_run(spec, run_dir: str):
