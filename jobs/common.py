@@ -19,7 +19,7 @@ from typing import Any
 # `python jobs/x.py` from a checkout that was not pip-installed (e.g. a Ray job's working dir).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import pretrain  # noqa: E402
+from pipeline import pretrain, storage  # noqa: E402
 from pipeline.config import PRESETS  # noqa: E402
 from pipeline.lock import hold_run_dir  # noqa: E402
 from pipeline.rundir import RunDir, StageConfigMismatch, write_json_atomic  # noqa: E402
@@ -274,9 +274,9 @@ def run_spec(spec: RunSpec, address: str | None, after: Any = None) -> RunSpec:
     refused = [row["why"] for row in rows if row["action"] == "refused"]
     if refused:  # before Ray starts and before anything is written
         raise StageConfigMismatch(refused[0])
-    run.root.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run.root)
     with hold_run_dir(run.root):  # one job per run dir: a second is refused, naming the holder
-        write_json_atomic(run.root / "config.json", spec.to_dict())
+        write_json_atomic(run.config_path, spec.to_dict())
         init_ray(address)
         for stage in spec.stages:
             getattr(pretrain, stage)(spec, run)
@@ -291,7 +291,7 @@ def fail(err: Exception) -> None:
     sys.exit(2)
 
 
-ERRORS = (ValueError, FileNotFoundError, StageConfigMismatch)
+ERRORS = (ValueError, FileNotFoundError, StageConfigMismatch, storage.StorageError)
 
 
 def init_ray(address: str | None) -> None:

@@ -16,10 +16,10 @@ import dataclasses
 import os
 import sys
 import time
-from pathlib import Path
 
 from common import ERRORS, fail, init_ray, job_parser, run_spec, set_log_level
 
+from pipeline import storage
 from pipeline.config import get_preset
 from pipeline.rundir import write_json_atomic
 
@@ -145,7 +145,7 @@ def standalone(args: argparse.Namespace) -> dict:
         raise ValueError("pass --dataset (an image folder or labelled Parquet) or --retrieval")
     if args.concurrency is not None and args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
-    model = args.model if args.model is not None else str(Path(args.run_dir) / "model")
+    model = args.model if args.model is not None else storage.join(args.run_dir, "model")
     ref = ev.resolve_model(model, args.pretrained)
     cfg = eval_overrides(get_preset(args.preset).eval, args)
     data = None
@@ -156,9 +156,12 @@ def standalone(args: argparse.Namespace) -> dict:
     retrieval = None
     if args.retrieval is not None:
         retrieval = ev.check_retrieval(args.retrieval, args.image_col, args.caption_col)
-    output = Path(args.output).expanduser().resolve() if args.output else None
-    if output is not None and output.is_dir():
-        raise ValueError(f"--output {output} is a directory; name a .json file")
+    output = storage.normalize(args.output) if args.output else None
+    if output is not None:
+        if storage.isdir(output):
+            raise ValueError(f"--output {output} is a directory; name a .json file")
+        if storage.is_uri(output):
+            storage.check_writable(storage.parent(output))  # before Ray starts, not after
     loaded = ev.load_model(ref)  # here, so weights that do not fit fail before Ray starts
 
     import ray
@@ -196,8 +199,7 @@ def standalone(args: argparse.Namespace) -> dict:
         open_clip_version=open_clip.__version__,
     )
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output, results)
+        write_json_atomic(output, results)  # a local file or an object, written whole
     skipped = results.get("skipped_images", 0) + results.get("retrieval_skipped_images", 0)
     if skipped:
         examples = results.get("skipped_examples", [])[:3]

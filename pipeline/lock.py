@@ -9,9 +9,13 @@ on this host and its pid is gone. A stale lease is replaced only if it is still 
 judged stale (its token compared under a mutex), so of racers exactly one takes it over.
 
 Storage goes through a store's four operations (create-if-absent, read, replace-if-token,
-delete-if-token): an object store offers each (a put with If-None-Match: *, a get, a put or
-delete with If-Match on the ETag read), so runs on s3:// or gs:// can get a store of their
-own (issue 13).
+delete-if-token). On a local or POSIX-shared disk: a hard link and an flock (LocalLeaseStore).
+On s3:// (AWS S3, MinIO, any server with S3 conditional writes): a put with If-None-Match: *
+creates, and a put or delete with If-Match on the ETag just read replaces or deletes, so the
+same guarantee holds: of racers exactly one creates or takes over the lease (S3LeaseStore).
+On other object stores (gs://): create-if-absent is an existence check then a write, re-read
+to confirm it is ours (ObjectLeaseStore): two jobs started within the same second may both
+pass; a later one is always refused.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline import storage
 
 LEASE = ".lease.json"
 INTERVAL_S = 10.0  # heartbeat period
@@ -96,6 +102,111 @@ class LocalLeaseStore:
             return same
 
 
+class S3LeaseStore:
+    """The lease as an S3 object, changed only through conditional requests (see above)."""
+
+    def __init__(self, uri: str):
+        import boto3  # reads AWS_ENDPOINT_URL and the credentials as s3fs does
+
+        self.bucket, _, self.key = uri[len("s3://") :].partition("/")
+        self.client = boto3.client("s3")
+
+    @staticmethod
+    def _refused(e: Exception) -> bool:
+        # 412: the condition failed; 409: a concurrent conditional write won the race.
+        code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+        return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+    def create(self, data: bytes) -> bool:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data, IfNoneMatch="*")
+            return True
+        except self.client.exceptions.ClientError as e:
+            if self._refused(e):
+                return False
+            raise
+
+    def _get(self) -> tuple[bytes, str] | None:
+        try:
+            out = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return out["Body"].read(), out["ETag"]
+
+    def read(self) -> bytes | None:
+        got = self._get()
+        return None if got is None else got[0]
+
+    def _if_holding(self, token: str | None, action) -> bool:
+        got = self._get()
+        if got is None or _parse(got[0]).get("token") != token:
+            return False
+        try:
+            action(got[1])
+            return True
+        except self.client.exceptions.ClientError as e:
+            if self._refused(e):
+                return False
+            raise
+
+    def replace_if(self, token: str | None, data: bytes) -> bool:
+        return self._if_holding(
+            token,
+            lambda etag: self.client.put_object(
+                Bucket=self.bucket, Key=self.key, Body=data, IfMatch=etag
+            ),
+        )
+
+    def delete_if(self, token: str) -> bool:
+        return self._if_holding(
+            token,
+            lambda etag: self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag),
+        )
+
+
+class ObjectLeaseStore:
+    """The lease as an object on a store without conditional writes here (see above)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def create(self, data: bytes) -> bool:
+        if storage.exists(self.uri):
+            return False
+        storage.write_bytes(self.uri, data)
+        return self.read() == data  # a racer that wrote after us owns it
+
+    def read(self) -> bytes | None:
+        try:
+            return storage.read_bytes(self.uri)
+        except FileNotFoundError:
+            return None
+
+    def replace_if(self, token: str | None, data: bytes) -> bool:
+        current = self.read()
+        if current is None or _parse(current).get("token") != token:
+            return False
+        storage.write_bytes(self.uri, data)
+        return True
+
+    def delete_if(self, token: str) -> bool:
+        current = self.read()
+        if current is None or _parse(current).get("token") != token:
+            return False
+        storage.remove(self.uri)
+        return True
+
+
+def lease_store(root: str) -> Any:
+    """The lease store for a run dir: local file, S3 conditional writes, or another store."""
+    path = storage.join(root, LEASE)
+    if not storage.is_uri(root):
+        return LocalLeaseStore(Path(path))
+    if root.startswith("s3://"):
+        return S3LeaseStore(path)
+    return ObjectLeaseStore(path)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -140,9 +251,9 @@ class Lease:
         stale_after: int = STALE_AFTER,
         store: Any = None,
     ):
-        self.root = Path(root)
+        self.root = storage.normalize(root)
         self.interval, self.stale_after = interval, stale_after
-        self.store = store or LocalLeaseStore(self.root / LEASE)
+        self.store = store or lease_store(self.root)
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self._stop = threading.Event()
@@ -165,7 +276,7 @@ class Lease:
         return None if data is None else _parse(data)
 
     def acquire(self) -> Lease:
-        self.root.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.root)
         for _ in range(3):  # a lost race against another taker is retried once or twice
             if self.store.create(self._record()):
                 self._start()
@@ -176,7 +287,7 @@ class Lease:
             if not is_stale(held, self.interval, self.stale_after, time.time()):
                 raise RunDirBusy(
                     f"run directory {self.root} is in use by another job: {describe(held)}; "
-                    f"wait for it, or remove {self.root / LEASE} if that job is gone"
+                    f"wait for it, or remove {storage.join(self.root, LEASE)} if that job is gone"
                 )
             # Only the lease judged stale is replaced: of racers, one wins, the rest retry.
             if self.store.replace_if(held.get("token"), self._record()):

@@ -15,14 +15,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import shutil
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from pipeline import storage
 from pipeline.rundir import RunDir, StageConfigMismatch, write_json_atomic
 from pipeline.spec import RunSpec, diff, digest
 
@@ -35,48 +32,46 @@ UPSTREAM = {
 }  # in a resumable stage's folder: whose run it holds
 
 
-def count_samples(shards: Path) -> int:
-    files = sorted(shards.glob("*.parquet"))
+def count_samples(shards: str) -> int:
+    files = storage.list_files(shards, ".parquet")
     if not files:
         raise FileNotFoundError(f"no Parquet shards in {shards}: run jobs/prepare_data.py first")
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(storage.parquet_rows(f) for f in files)
 
 
 # -- fingerprints ---------------------------------------------------------------------------
-def shards_fingerprint(shards: Path) -> str | None:
+def shards_fingerprint(shards: str) -> str | None:
     """The shards' names, sizes and row counts: prepare rewriting any shard changes it."""
-    files = sorted(shards.glob("*.parquet"))
+    files = storage.list_files(shards, ".parquet")
     if not files:
         return None
-    parts = [(f.name, f.stat().st_size, pq.ParquetFile(f).metadata.num_rows) for f in files]
+    parts = [(storage.name(f), storage.size(f), storage.parquet_rows(f)) for f in files]
     return digest(parts)
 
 
-def folder_fingerprint(path: str | Path | None) -> str | None:
+def folder_fingerprint(path: str | None) -> str | None:
     """A folder's (or file's) relative paths and sizes: an image set swapped or edited."""
     if path is None:
         return None
-    root = Path(path)
-    if root.is_file():
-        return digest([root.name, root.stat().st_size])
-    if not root.is_dir():
+    files = storage.find_files(path)  # "/"-joined: a folder copied to a bucket keeps it
+    if not files:
         return None
-    return digest(
-        sorted((str(f.relative_to(root)), f.stat().st_size) for f in root.rglob("*") if f.is_file())
-    )
+    if not storage.isdir(path):
+        return digest(list(files[0]))  # a single file
+    return digest([list(f) for f in files])
 
 
-def model_fingerprint(model_dir: Path) -> str | None:
+def model_fingerprint(model_dir: str) -> str | None:
     """The exported weights' content: a new model (a retrain, a sweep's winner) changes it."""
-    files = sorted(model_dir.glob("*.safetensors")) + [model_dir / "open_clip_config.json"]
-    files = [f for f in files if f.exists()]
+    files = storage.list_files(model_dir, ".safetensors") + [
+        storage.join(model_dir, "open_clip_config.json")
+    ]
+    files = [f for f in files if storage.exists(f)]
     if not files:
         return None
     h = hashlib.sha256()
     for f in files:
-        with f.open("rb") as stream:
-            while block := stream.read(1 << 20):
-                h.update(block)
+        h.update(storage.read_bytes(f))
     return h.hexdigest()[:16]
 
 
@@ -132,7 +127,7 @@ def begin(
     name: str,
     identity: dict[str, Any],
     log: Any,
-    folder: Path | None = None,
+    folder: str | None = None,
 ) -> Decision:
     """Decide, log, and prepare for a stage: forget a stage that reruns, claim its folder."""
     decision = decide(run, name, identity, spec.options.force)
@@ -148,14 +143,14 @@ def begin(
     return decision
 
 
-def claim(folder: Path, identity: dict[str, Any], fresh: bool, what: str) -> None:
+def claim(folder: str, identity: dict[str, Any], fresh: bool, what: str) -> None:
     """Take `folder` for a stage of this identity: an unfinished run of another identity there
     is refused (resuming it would mix two), unless `fresh` discards it."""
-    marker = folder / IDENTITY_FILE
-    if fresh and folder.exists():
-        shutil.rmtree(folder)
-    if marker.exists():
-        changed = diff(json.loads(marker.read_text()), identity)
+    marker = storage.join(folder, IDENTITY_FILE)
+    if fresh:
+        storage.remove(folder, recursive=True)
+    if storage.exists(marker):
+        changed = diff(storage.read_json(marker), identity)
         if changed:
             raise StageConfigMismatch(
                 f"{folder} holds an unfinished {what} of another configuration ("
@@ -185,12 +180,13 @@ def prepare_identity(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-def val_path(spec: RunSpec, run: RunDir) -> Path | None:
+def val_path(spec: RunSpec, run: RunDir) -> str | None:
     """The small labelled folder probed during training (and ranked on by sweeps)."""
     if spec.inputs.val_dataset is not None:
-        return Path(spec.inputs.val_dataset)
-    if spec.inputs.url_list is None and (run.demo / "val").is_dir():
-        return run.demo / "val"
+        return storage.normalize(spec.inputs.val_dataset)
+    demo_val = storage.join(run.demo, "val")
+    if spec.inputs.url_list is None and storage.isdir(demo_val):
+        return demo_val
     return None
 
 
@@ -210,11 +206,11 @@ def sweep_identity(spec: RunSpec, run: RunDir) -> dict[str, Any]:
     return ident
 
 
-def eval_paths(spec: RunSpec, run: RunDir) -> tuple[Path, Path | None]:
+def eval_paths(spec: RunSpec, run: RunDir) -> tuple[str, str | None]:
     if spec.inputs.eval_dataset is not None:
-        return Path(spec.inputs.eval_dataset), None
+        return storage.normalize(spec.inputs.eval_dataset), None
     if spec.inputs.url_list is None:
-        return run.demo / "eval", run.demo / "retrieval.parquet"
+        return storage.join(run.demo, "eval"), storage.join(run.demo, "retrieval.parquet")
     raise ValueError("no eval dataset: pass --eval-dataset (an image folder, one per class)")
 
 
@@ -236,9 +232,10 @@ def demo(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
 
     ident = demo_identity(spec)
     if not begin(spec, run, "demo", ident, log).run:
-        return json.loads((run.demo / "corpus.json").read_text())
+        return storage.read_json(storage.join(run.demo, "corpus.json"))
     log(f"Building the demo corpus in {run.demo} ...")
-    corpus = build_demo_corpus(run.demo, spec.config.demo)
+    with storage.local_output(run.demo) as demo_dir:  # built here, then uploaded whole
+        corpus = build_demo_corpus(demo_dir, spec.config.demo)
     finish(run, "demo", ident)
     return corpus
 
@@ -260,7 +257,7 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
         Decision(True, "--retry-failed") if retry else begin(spec, run, "prepare", ident, log)
     )
     if not decision.run:
-        return json.loads(run.stats_path.read_text())
+        return storage.read_json(run.stats_path)
     if spec.inputs.url_list is not None:
         urls = read_url_list(
             spec.inputs.url_list, p.url_col, p.caption_col, p.save_additional_columns
@@ -270,9 +267,13 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
         from pipeline.demo import serve_demo, write_url_list
 
         demo(spec, run, log)
-        with serve_demo(run.demo / "www") as base_url:
+        # Served from this machine (a local copy when the run dir is a bucket).
+        with (
+            storage.local_copy(run.demo) as demo_dir,
+            serve_demo(storage.join(demo_dir, "www")) as base_url,
+        ):
             log(f"Demo images served at {base_url} while they download")
-            path = str(write_url_list(run.demo, base_url))
+            path = str(write_url_list(demo_dir, base_url))
             urls = read_url_list(path, p.url_col, p.caption_col, p.save_additional_columns)
             # The demo's list names a new port each time: its fingerprint is its identity.
             stats = _run_prepare(spec, run, urls, path, digest(ident), decision, log)
@@ -288,12 +289,24 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     return stats
 
 
+def prepare_local_only(run: RunDir) -> None:
+    """Until prepare writes through pipeline.storage (issue 14), it writes local paths only:
+    on a bucket it would make a local folder named `s3:`. Refused before anything starts."""
+    if storage.is_uri(run.root):
+        raise ValueError(
+            f"{run.root}: the prepare stage cannot write to a bucket yet; prepare into a local "
+            "run dir and copy it (its manifest and data/) to the bucket, then run the rest there"
+        )
+
+
 def _run_prepare(spec, run, urls, path, fingerprint, decision, log):
     from pipeline.data.prepare import run_prepare
 
+    prepare_local_only(run)
+
     log(f"[prepare] {len(urls)} rows from {path}")
     total = -(-len(urls) // spec.config.prepare.rows_per_shard)
-    with shard_ticker(run.root / "data" / "progress", total, log):
+    with shard_ticker(run.progress, total, log):
         return run_prepare(
             urls,
             run,
@@ -305,8 +318,13 @@ def _run_prepare(spec, run, urls, path, fingerprint, decision, log):
         )
 
 
+def _is_marker(base: str) -> bool:
+    """part-NNNNN.json: one finished shard's marker (not a retry journal)."""
+    return base.startswith("part-") and base[5:-5].isdigit() and base.endswith(".json")
+
+
 @contextlib.contextmanager
-def shard_ticker(progress: Path, total: int, log: Any, every_s: float = 15.0):
+def shard_ticker(progress: str, total: int, log: Any, every_s: float = 15.0):
     """A console line every `every_s` seconds while shards finish: prepare's progress, counted
     from the markers its workers write (the driver only reads the folder)."""
     stop = threading.Event()
@@ -315,7 +333,9 @@ def shard_ticker(progress: Path, total: int, log: Any, every_s: float = 15.0):
     def tick() -> None:
         last = -1
         while not stop.wait(every_s):
-            done = len(list(progress.glob("part-?????.json")))
+            done = sum(
+                1 for f in storage.list_files(progress, ".json") if _is_marker(storage.name(f))
+            )
             if done == last:
                 continue
             last, elapsed = done, time.monotonic() - start
@@ -362,7 +382,9 @@ def sweep(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
 
     val = val_path(spec, run)
     if val is None:
-        raise FileNotFoundError(f"no validation folder in {run.demo / 'val'}: pass --val-dataset")
+        raise FileNotFoundError(
+            f"no validation folder in {storage.join(run.demo, 'val')}: pass --val-dataset"
+        )
     ident = sweep_identity(spec, run)
     if not begin(spec, run, "sweep", ident, log, folder=run.sweep).run:
         return run.stage("sweep")["winner"]
@@ -372,7 +394,7 @@ def sweep(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
         run.shards,
         count_samples(run.shards),
         run.sweep,
-        val.resolve(),
+        val,
         log=log,
     )
     winner = report["winner"]
@@ -413,24 +435,25 @@ def evaluate(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
         write_tensorboard,
     )
 
-    if not (run.model / "open_clip_config.json").exists():
+    if not storage.exists(storage.join(run.model, "open_clip_config.json")):
         raise FileNotFoundError(f"no exported model in {run.model}: run jobs/train.py first")
     dataset, retrieval = eval_paths(spec, run)
     ident = eval_identity(spec, run)
     if not begin(spec, run, "eval", ident, log).run:
-        return json.loads(run.eval_results_path.read_text())
+        return storage.read_json(run.eval_results_path)
     cfg, use_gpu = eval_resources(spec)
     log(f"[eval] {cfg.concurrency} embedding actors" + (", 1 GPU each" if use_gpu else ", on CPUs"))
     results = evaluate_zero_shot(run.model, dataset, cfg, use_gpu, log=log)
-    if retrieval is not None and retrieval.exists():
+    if retrieval is not None and storage.exists(retrieval):
         results.update(evaluate_retrieval(run.model, retrieval, cfg, use_gpu, log=log))
-    results["dataset"] = str(dataset)
+    results["dataset"] = dataset
     results.update(clip_benchmark_keys(results, model=str(run.model), pretrained=None))
     write_json_atomic(run.eval_results_path, results)
     model_stage = run.stage("sweep") if _model_from_sweep(run) else run.stage("train")
     # At the last training step, so runs compare on one axis in TensorBoard.
     step = (model_stage or {}).get("metrics", {}).get("step", 0)
-    write_tensorboard(results, run.root / "eval" / "tensorboard", step=int(step))
+    with storage.local_output(run.path("eval", "tensorboard")) as tensorboard:
+        write_tensorboard(results, tensorboard, step=int(step))
     _add_eval_to_run_card(run, results)
     log(format_markdown(results))
     finish(run, "eval", ident, top1=results["top1"])
@@ -438,8 +461,8 @@ def evaluate(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
 
 
 def _model_from_sweep(run: RunDir) -> bool:
-    card = run.model / "run_card.json"
-    return card.exists() and json.loads(card.read_text()).get("stage") == "sweep"
+    card = storage.join(run.model, "run_card.json")
+    return storage.exists(card) and storage.read_json(card).get("stage") == "sweep"
 
 
 # -- the run card ---------------------------------------------------------------------------
@@ -479,14 +502,14 @@ def write_run_card(
             k: winner.get(k) for k in ("trial_id", "hparams", "steps", "final_top1")
         }
         card["temperature"] = winner.get("final_temperature", card["temperature"])
-    write_json_atomic(run.model / "run_card.json", card)
+    write_json_atomic(storage.join(run.model, "run_card.json"), card)
 
 
 def _add_eval_to_run_card(run: RunDir, results: dict[str, Any]) -> None:
-    path = run.model / "run_card.json"
-    if not path.exists():
+    path = storage.join(run.model, "run_card.json")
+    if not storage.exists(path):
         return
-    card = json.loads(path.read_text())
+    card = storage.read_json(path)
     card["eval"] = {k: v for k, v in results.items() if isinstance(v, int | float | str | dict)}
     write_json_atomic(path, card)
 
@@ -494,9 +517,9 @@ def _add_eval_to_run_card(run: RunDir, results: dict[str, Any]) -> None:
 # -- summary --------------------------------------------------------------------------------
 def summary(spec: RunSpec, run: RunDir) -> dict[str, Any]:
     stages = run.manifest()["stages"]
-    stats = json.loads(run.stats_path.read_text()) if run.stats_path.exists() else {}
+    stats = storage.read_json(run.stats_path) if storage.exists(run.stats_path) else {}
     results = (
-        json.loads(run.eval_results_path.read_text()) if run.eval_results_path.exists() else {}
+        storage.read_json(run.eval_results_path) if storage.exists(run.eval_results_path) else {}
     )
     train = stages.get("train", {}).get("metrics", {})
     summary = {
@@ -518,13 +541,13 @@ def summary(spec: RunSpec, run: RunDir) -> dict[str, Any]:
             k: v for k, v in results.items() if isinstance(v, int | float) and k != "num_images"
         },
         "paths": {
-            "config": str(run.root / "config.json"),
+            "config": run.config_path,
             "manifest": str(run.manifest_path),
             "shards": str(run.shards),
             "rejects": str(run.rejects),
             "stats": str(run.stats_path),
             "train": str(run.train),
-            "tensorboard": str(run.train / "tensorboard"),
+            "tensorboard": storage.join(run.train, "tensorboard"),
             "model": str(run.model),
             "eval_results": str(run.eval_results_path),
             "summary": str(run.summary_path),
@@ -587,7 +610,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     lines.append("outputs:")
     lines.extend(
-        f"  {name:<12} {path}" + ("" if Path(path).exists() or name == "summary" else "  (not yet)")
+        f"  {name:<12} {path}"
+        + ("" if name == "summary" or (path and storage.exists(path)) else "  (not yet)")
         for name, path in p.items()
     )
     lines.append(f"TensorBoard: tensorboard --logdir {p['tensorboard']} --host 127.0.0.1")
@@ -618,6 +642,8 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
         if not d.run and spec.options.retry_failed:
             d = Decision(True, "--retry-failed: fetch the transient failures again")
         p = cfg.prepare.download
+        if d.run:
+            prepare_local_only(run)
         return {
             "action": "run" if d.run else "skip",
             "why": d.why,

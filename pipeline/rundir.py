@@ -1,23 +1,24 @@
-"""The run directory of DESIGN.md and its manifest of finished stages."""
+"""The run directory of DESIGN.md and its manifest of finished stages.
+
+The root is a local path or a URI (`s3://bucket/run`): every path below is a str built with
+storage.join, and every read and write goes through pipeline.storage, so the same run dir works
+on a laptop's disk and in a bucket that the nodes of a cluster share.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.faults import commit_point
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON whole: a crash leaves the old file or object or the new one, never half."""
+    storage.write_json(path, obj)
 
 
 class StageConfigMismatch(RuntimeError):
@@ -26,61 +27,83 @@ class StageConfigMismatch(RuntimeError):
 
 @dataclass(frozen=True)
 class RunDir:
-    root: Path
+    root: str  # storage.normalize'd: an absolute local path or a URI without a trailing slash
 
     @classmethod
     def at(cls, path: str | os.PathLike) -> RunDir:
-        root = Path(path).expanduser().resolve()
-        for p in (root, *root.parents):
-            if p.exists() and not p.is_dir():
-                raise ValueError(f"run directory {root}: {p} is a file, not a folder")
+        root = storage.normalize(path)
+        if not storage.is_uri(root):
+            probe = root
+            while True:
+                if os.path.exists(probe) and not os.path.isdir(probe):
+                    raise ValueError(f"run directory {root}: {probe} is a file, not a folder")
+                up = os.path.dirname(probe)
+                if up == probe:
+                    break
+                probe = up
         return cls(root)
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
 
     # Paths fixed by DESIGN.md.
     @property
-    def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+    def manifest_path(self) -> str:
+        return self.path("manifest.json")
 
     @property
-    def demo(self) -> Path:
-        return self.root / "demo"
+    def config_path(self) -> str:
+        return self.path("config.json")
 
     @property
-    def shards(self) -> Path:
-        return self.root / "data" / "shards"
+    def demo(self) -> str:
+        return self.path("demo")
 
     @property
-    def rejects(self) -> Path:
-        return self.root / "data" / "rejects"
+    def data(self) -> str:
+        return self.path("data")
 
     @property
-    def stats_path(self) -> Path:
-        return self.root / "data" / "stats.json"
+    def shards(self) -> str:
+        return self.path("data", "shards")
 
     @property
-    def train(self) -> Path:
-        return self.root / "train"
+    def rejects(self) -> str:
+        return self.path("data", "rejects")
 
     @property
-    def model(self) -> Path:
-        return self.root / "model"
+    def progress(self) -> str:
+        return self.path("data", "progress")
 
     @property
-    def sweep(self) -> Path:
-        return self.root / "sweep"
+    def stats_path(self) -> str:
+        return self.path("data", "stats.json")
 
     @property
-    def eval_results_path(self) -> Path:
-        return self.root / "eval" / "results.json"
+    def train(self) -> str:
+        return self.path("train")
 
     @property
-    def summary_path(self) -> Path:
-        return self.root / "summary.json"
+    def model(self) -> str:
+        return self.path("model")
+
+    @property
+    def sweep(self) -> str:
+        return self.path("sweep")
+
+    @property
+    def eval_results_path(self) -> str:
+        return self.path("eval", "results.json")
+
+    @property
+    def summary_path(self) -> str:
+        return self.path("summary.json")
 
     def manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
+        try:
+            return storage.read_json(self.manifest_path)
+        except FileNotFoundError:
             return {"stages": {}}
-        return json.loads(self.manifest_path.read_text())
 
     def stage(self, name: str) -> dict[str, Any] | None:
         return self.manifest()["stages"].get(name)
@@ -99,6 +122,7 @@ class RunDir:
         return True
 
     def mark_done(self, name: str, config_hash: str, **counts: Any) -> None:
+        # The manifest is the stage's marker: written whole, after everything it names.
         manifest = self.manifest()
         manifest["stages"][name] = {
             "config_hash": config_hash,

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import inspect
 import json
+import os
 import re
+import tempfile
 import types
 import typing
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.config import PipelineConfig, get_preset
 
 DEMO_NETWORK = "127.0.0.1/32"  # the demo server's address, allowed explicitly
@@ -352,9 +356,12 @@ def _normalise(cfg: PipelineConfig, set_by: dict[str, str]) -> PipelineConfig:
 
 
 def _absolute(path: str | None) -> str | None:
-    if path is None or "://" in path:
+    """Local paths absolute, URIs (s3://, gs://) in one spelling: see storage.normalize."""
+    if path is None:
         return path
-    return str(Path(path).expanduser().resolve())
+    if glob.has_magic(path) and "://" in path:
+        return path  # a URL list's glob pattern, expanded by its reader
+    return storage.normalize(path)
 
 
 def build_spec(
@@ -390,7 +397,7 @@ def build_spec(
     return RunSpec(
         config=cfg,
         inputs=inputs,
-        run_dir=str(Path(run_dir or f"runs/{preset}").expanduser().resolve()),
+        run_dir=storage.normalize(run_dir or f"runs/{preset}"),
         stages=stages,
         options=options,
         set_by=tuple(sorted(set_by.items())),
@@ -428,7 +435,7 @@ def spec_of(
     spec = RunSpec(
         config=_demo_network(cfg, inputs, stages),
         inputs=inputs,
-        run_dir=str(Path(run_dir).expanduser().resolve()),
+        run_dir=storage.normalize(run_dir),
         stages=stages,
         options=Options(**options),
     )
@@ -454,7 +461,7 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _check_shards_input(source: str, shards: Path) -> None:
+def _check_shards_input(source: str, shards: str) -> None:
     """--shards names tars or Parquet shards, and the run's shards are no prepare's output."""
     from pipeline.data.webdataset import IMPORT_MARKER, IMPORT_STARTED, find_shards
 
@@ -462,12 +469,49 @@ def _check_shards_input(source: str, shards: Path) -> None:
         find_shards(source)
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"--shards: {err}") from None
-    imported = any((shards / name).exists() for name in (IMPORT_MARKER, IMPORT_STARTED))
-    if any(shards.glob("*.parquet")) and not imported:
+    imported = any(
+        storage.exists(storage.join(shards, name)) for name in (IMPORT_MARKER, IMPORT_STARTED)
+    )
+    if storage.list_files(shards, ".parquet") and not imported:
         raise SpecError(
             f"--shards: {shards} already holds prepared shards, which an import would replace; "
             "choose another --run-dir"
         )
+
+
+def check_locations(spec: RunSpec) -> None:
+    """The run dir can be written and the URIs read, before anything starts: a missing bucket,
+    missing credentials, a scheme without its package or a read-only location is one
+    StorageError naming the path and what is missing. Nothing is left behind (the write probe
+    is removed; a dry run only looks)."""
+    run_dir = spec.run_dir
+    if storage.is_uri(run_dir):
+        if spec.options.dry_run:
+            scheme, rest = run_dir.split("://", 1)
+            storage.check_readable(f"{scheme}://{rest.split('/')[0]}")  # the bucket: no write
+        else:
+            storage.check_writable(run_dir)
+    else:
+        base = run_dir  # the nearest folder that exists: the run dir is created inside it
+        while not os.path.exists(base) and os.path.dirname(base) != base:
+            base = os.path.dirname(base)
+        if os.path.isdir(base):
+            try:
+                with tempfile.TemporaryFile(dir=base):
+                    pass
+            except OSError as e:
+                raise storage.StorageError(
+                    f"{run_dir}: cannot write there ({base} is read-only: {e.strerror})"
+                ) from None
+    cfg, inputs = spec.config, spec.inputs
+    for path in (
+        inputs.url_list,
+        inputs.eval_dataset,
+        inputs.val_dataset,
+        cfg.prepare.filters.decontaminate,
+    ):
+        if path is not None and storage.is_uri(path) and not glob.has_magic(path):
+            storage.check_readable(path)
 
 
 def validate(spec: RunSpec) -> RunSpec:
@@ -477,6 +521,7 @@ def validate(spec: RunSpec) -> RunSpec:
 
     cfg, inputs, stages = spec.config, spec.inputs, spec.stages
     p = cfg.prepare
+    check_locations(spec)
     for n in p.download.allowed_networks:
         try:
             ipaddress.ip_network(n, strict=False)
@@ -508,19 +553,28 @@ def validate(spec: RunSpec) -> RunSpec:
         if p.filters.decontaminate is not None:
             from pipeline.data.filters import IMAGE_SUFFIXES
 
-            folder = Path(p.filters.decontaminate)
-            if not folder.is_dir():
-                raise FileNotFoundError(f"--decontaminate: {str(folder)!r} is not a folder")
-            if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.rglob("*")):
-                raise ValueError(f"--decontaminate: no images under {str(folder)!r}")
+            folder = p.filters.decontaminate
+            if not storage.isdir(folder):
+                raise FileNotFoundError(f"--decontaminate: {folder!r} is not a folder")
+            files = storage.find_files(folder)
+            if not any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f, _ in files):
+                raise ValueError(f"--decontaminate: no images under {folder!r}")
     if "train" in stages or "sweep" in stages:
         from pipeline.train.loop import check_config
 
         check_config(cfg.train)
     if inputs.shards is not None:
-        _check_shards_input(inputs.shards, Path(spec.run_dir) / "data" / "shards")
+        _check_shards_input(inputs.shards, storage.join(spec.run_dir, "data", "shards"))
     if "sweep" in stages:
         from pipeline.tune.sweep import check_sweep
+
+        if storage.is_uri(spec.run_dir):
+            # Tune's experiment state, the trials' histories and report.html are local files
+            # still (issue 13): refused, not written to a local folder named after the URI.
+            raise SpecError(
+                f"{spec.run_dir}: a sweep cannot run in a bucket yet; use a local "
+                "--run-dir (or a shared mount)"
+            )
 
         if inputs.val_dataset is None and inputs.url_list is not None:
             raise SpecError("a sweep ranks trials on a held-out image folder: pass --val-dataset")
@@ -528,13 +582,11 @@ def validate(spec: RunSpec) -> RunSpec:
         if "prepare" not in stages:
             from pipeline.pretrain import count_samples
 
-            shards = Path(spec.run_dir) / "data" / "shards"
+            shards = storage.join(spec.run_dir, "data", "shards")
             check_sweep(cfg.sweep, cfg.train, count_samples(shards))
-            if inputs.val_dataset is None and not (Path(spec.run_dir) / "demo" / "val").is_dir():
-                raise FileNotFoundError(
-                    f"no validation folder in {Path(spec.run_dir) / 'demo' / 'val'}: "
-                    "pass --val-dataset"
-                )
+            demo_val = storage.join(spec.run_dir, "demo", "val")
+            if inputs.val_dataset is None and not storage.isdir(demo_val):
+                raise FileNotFoundError(f"no validation folder in {demo_val}: pass --val-dataset")
     from pipeline.evaluate import load_image_folder
 
     if "evaluate" in stages:

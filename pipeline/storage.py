@@ -13,9 +13,11 @@ once its marker, written last, exists: the same rule on both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,8 @@ def filesystem(path: str | os.PathLike):
             raise StorageError(
                 f"{text}: {scheme}:// needs the {package} package (pip install {package})"
             ) from e
+        if isinstance(e, ImportError):
+            raise StorageError(f"{text}: {scheme}:// needs a package that is missing ({e})") from e
         raise StorageError(f"{text}: {e}") from e
 
 
@@ -231,6 +235,7 @@ def check_writable(folder: str | os.PathLike) -> None:
     location are found before any stage starts, not halfway through one.
     """
     folder = os.fspath(folder)
+    filesystem(folder)  # a scheme without its package is named with the folder, not the probe
     probe = join(folder, f".write-probe-{uuid.uuid4().hex}")
     try:
         write_bytes(probe, b"")
@@ -267,3 +272,68 @@ def _reason(e: Exception) -> str:
     if isinstance(e, PermissionError) or "accessdenied" in lowered or "forbidden" in lowered:
         return "permission denied"
     return text.splitlines()[0][:200]
+
+
+def find_files(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """Every file under `folder` (recursively) as (path relative to it, size), sorted.
+
+    A single file lists as itself; a missing folder lists as empty.
+    """
+    folder = os.fspath(folder)
+    fs, inner = filesystem(folder)
+    try:
+        if fs.isfile(inner):
+            return [(name(inner), fs.size(inner))]
+        found = fs.find(inner, detail=True)
+    except FileNotFoundError:
+        return []
+    root = inner.rstrip("/") + "/"
+    return sorted(
+        (path[len(root) :], int(info.get("size") or 0))
+        for path, info in found.items()
+        if path.startswith(root) and info.get("type") != "directory"
+    )
+
+
+def parquet_file(path: str | os.PathLike):
+    """A pyarrow ParquetFile on any location: footer read now, row groups read on demand."""
+    import pyarrow.parquet as pq
+
+    fs, inner = arrow_filesystem(path)
+    return pq.ParquetFile(inner, filesystem=fs)
+
+
+def parquet_rows(path: str | os.PathLike) -> int:
+    """A Parquet file's row count, from its footer (no data read)."""
+    return parquet_file(path).metadata.num_rows
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike):
+    """A local path holding `path`'s content for the block: the path itself when local, else a
+    temporary download (for libraries that read only local files, such as open_clip)."""
+    path = os.fspath(path)
+    if not is_uri(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="clip-pipeline-") as tmp:
+        local = os.path.join(tmp, name(path))
+        download(path, local)
+        yield local
+
+
+@contextlib.contextmanager
+def local_output(path: str | os.PathLike):
+    """A local folder to write into for the block, uploaded to `path` at its end when `path` is a
+    URI (for libraries that write only local files: open_clip's export, TensorBoard)."""
+    path = os.fspath(path)
+    if not is_uri(path):
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="clip-pipeline-") as tmp:
+        yield tmp
+        for rel, _ in find_files(tmp):
+            # File by file, each whole: a reader never sees half an object.
+            with open(os.path.join(tmp, rel), "rb") as f:
+                write_bytes(join(path, *rel.split(os.sep)), f.read())

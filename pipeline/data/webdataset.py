@@ -26,9 +26,8 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline import schema
+from pipeline import schema, storage
 
 # Not in KEY.json: the image and caption have their own members, and tokens are recomputed
 # for whichever model reads the tars.
@@ -75,7 +74,7 @@ def shard_to_tar(parquet: str, tar_path: str) -> int:
 
     Locally the tar is written beside its final name and renamed into place; on a bucket
     an object appears only once its upload completes, so a reader never sees half a tar."""
-    table = pq.read_table(parquet)
+    table = storage.read_parquet(parquet)
     local = not _is_uri(tar_path)
     target = str(tar_path)
     if local:
@@ -97,11 +96,13 @@ def shard_to_tar(parquet: str, tar_path: str) -> int:
 
 def export_plan(shards: str | Path, dest: str) -> list[dict[str, str]]:
     """{shard, tar} for every finished shard (hidden files are partial writes)."""
-    files = sorted(p for p in Path(shards).glob("*.parquet") if not p.name.startswith("."))
+    files = storage.list_files(shards, ".parquet")
     if not files:
         raise FileNotFoundError(f"no Parquet shards in {shards}: run jobs/prepare_data.py first")
     dest = str(dest).rstrip("/")
-    return [{"shard": str(f), "tar": f"{dest}/{f.stem}.tar"} for f in files]
+    return [
+        {"shard": f, "tar": f"{dest}/{storage.name(f).removesuffix('.parquet')}.tar"} for f in files
+    ]
 
 
 def _export_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -211,19 +212,19 @@ def import_shards(
     import ray
 
     kind, files = find_shards(source)
-    shards = Path(shards)
-    marker = shards / IMPORT_MARKER
+    shards = str(shards)
+    marker = storage.join(shards, IMPORT_MARKER)
     identity = {"source": str(source), "files": files_fingerprint(files), "model": model}
-    if marker.exists():
-        done = json.loads(marker.read_text())
+    if storage.exists(marker):
+        done = storage.read_json(marker)
         if {k: done.get(k) for k in identity} == identity:
             return int(done["rows"])
-    shards.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(shards)
     # Claimed first, so a killed import's files are known as an import's and cleared by the
     # rerun (never mistaken for prepare's shards).
-    (shards / IMPORT_STARTED).write_text(json.dumps(identity))
-    for old in [marker, *shards.glob("*.parquet")]:
-        old.unlink(missing_ok=True)
+    storage.write_json(storage.join(shards, IMPORT_STARTED), identity)
+    for old in [marker, *storage.list_files(shards, ".parquet")]:
+        storage.remove(old)
     log(f"[train] reading {len(files)} {kind} files from {source}")
     if kind == "webdataset":
         # No decoder (None; False would still run the default one, which decodes the JPEG to
@@ -239,11 +240,10 @@ def import_shards(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
         num_cpus=0.5,
     )
-    ds.write_parquet(str(shards), min_rows_per_file=rows_per_shard)
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in shards.glob("*.parquet"))
-    tmp = marker.with_name(marker.name + ".partial")
-    tmp.write_text(json.dumps({**identity, "rows": rows}, indent=1))
-    os.replace(tmp, marker)
-    (shards / IMPORT_STARTED).unlink()
+    fs, inner = storage.arrow_filesystem(shards)
+    ds.write_parquet(inner, filesystem=fs, min_rows_per_file=rows_per_shard)
+    rows = sum(storage.parquet_rows(f) for f in storage.list_files(shards, ".parquet"))
+    storage.write_json(marker, {**identity, "rows": rows})  # whole, and last
+    storage.remove(storage.join(shards, IMPORT_STARTED))
     log(f"[train] {rows} samples written as Parquet shards in {shards}")
     return rows

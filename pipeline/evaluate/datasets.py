@@ -13,6 +13,8 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
+
 # torchvision's ImageFolder extensions (IMG_EXTENSIONS), matched case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -38,6 +40,13 @@ def read_text(path: Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+def image_source(path: str) -> Any:
+    """What PIL's Image.open takes for an image path: the path, or the bytes of a URI's object."""
+    import io
+
+    return io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+
+
 def check_images(data: ImageFolderSet) -> ImageFolderSet:
     """Open and decode every image of the folder, as training's zero-shot probe will: a file
     it could not read fails here, before Ray starts, naming it (not rank 0 mid-training).
@@ -49,7 +58,7 @@ def check_images(data: ImageFolderSet) -> ImageFolderSet:
     bad = []
     for path in data.paths:
         try:
-            with Image.open(path) as im:
+            with Image.open(image_source(path)) as im:
                 im.draft("RGB", (64, 64))
                 im.convert("RGB")  # decodes: truncated or corrupt data raises here
         except Exception as err:  # PIL raises many types on bad files: all mean unreadable
@@ -177,6 +186,8 @@ def resolve_classnames(
 def load_image_folder(
     dataset_dir: str | Path, classnames: str | None = None, templates: str | None = None
 ) -> ImageFolderSet:
+    if storage.is_uri(dataset_dir):
+        return _load_image_folder_uri(storage.normalize(dataset_dir), classnames, templates)
     root = Path(dataset_dir).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"eval dataset {root} does not exist or is not a folder")
@@ -219,6 +230,39 @@ def load_image_folder(
         paths=paths,
         labels=labels,
         groups=groups,
+    )
+
+
+def _load_image_folder_uri(
+    uri: str, classnames: str | None, templates: str | None
+) -> ImageFolderSet:
+    """An image folder in a bucket: listed (not downloaded) into a local skeleton, its small
+    text files (classnames, templates, splits) copied, images left empty; the paths returned are
+    the images' URIs, read by whoever decodes them."""
+    import tempfile
+
+    files = storage.find_files(uri)
+    if not files:
+        raise FileNotFoundError(f"eval dataset {uri} does not exist or is empty")
+    with tempfile.TemporaryDirectory(prefix="clip-dataset-") as tmp:
+        for rel, _ in files:
+            local = Path(tmp, *rel.split("/"))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if local.suffix.lower() in IMAGE_EXTENSIONS:
+                local.touch()
+            else:
+                local.write_bytes(storage.read_bytes(storage.join(uri, rel)))
+        data = load_image_folder(tmp, classnames, templates)
+        root = Path(tmp).resolve()
+        paths = [storage.join(uri, *Path(p).relative_to(root).parts) for p in data.paths]
+    return ImageFolderSet(
+        root=uri,
+        folders=data.folders,
+        classnames=data.classnames,
+        templates=data.templates,
+        paths=paths,
+        labels=data.labels,
+        groups=data.groups,
     )
 
 

@@ -14,6 +14,7 @@ import ray
 import torch
 from PIL import Image
 
+from pipeline import storage
 from pipeline.config import EvalConfig
 from pipeline.evaluate.datasets import ParquetSet
 from pipeline.evaluate.models import ModelRef, load_model, resolve_model
@@ -65,6 +66,8 @@ class ImageEmbedder:
     def _load(self, source: Any) -> torch.Tensor:
         if isinstance(source, dict):  # Hugging Face's image struct
             source = source.get("bytes") or source.get("path")
+        if isinstance(source, str) and storage.is_uri(source):
+            source = storage.read_bytes(source)  # an image folder in a bucket
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             return self.preprocess(img.convert("RGB"))
 

@@ -9,6 +9,7 @@ from typing import Any
 import open_clip
 import torch
 
+from pipeline import storage
 from pipeline.train.modeling import load_local_dir, resolve_model_name
 
 LOCAL_DIR = "local-dir:"
@@ -34,6 +35,8 @@ def resolve_model(model: str | Path | ModelRef, pretrained: str | None = None) -
     if isinstance(model, ModelRef):
         return model
     text = str(model)
+    if storage.is_uri(text.removeprefix(LOCAL_DIR)):
+        return _resolve_uri(storage.normalize(text.removeprefix(LOCAL_DIR)), pretrained)
     path = Path(text.removeprefix(LOCAL_DIR)).expanduser()
     if text.startswith(LOCAL_DIR) or path.is_dir():
         if pretrained is not None:
@@ -77,6 +80,18 @@ def resolve_model(model: str | Path | ModelRef, pretrained: str | None = None) -
         )
     name = str(Path(text).expanduser().resolve()) if text.endswith(".json") else text
     return ModelRef(name, pretrained=str(ckpt.resolve()))
+
+
+def _resolve_uri(uri: str, pretrained: str | None) -> ModelRef:
+    """An exported model in a bucket (RUN/model): checked by listing; loaded by each process
+    from a temporary copy, so actors on any node read it."""
+    if pretrained is not None:
+        raise ValueError(f"--pretrained is for an open_clip model name; {uri} is an exported model")
+    if not storage.exists(storage.join(uri, "open_clip_config.json")):
+        raise FileNotFoundError(f"{uri} is not an exported open_clip model: no config")
+    if not any(storage.list_files(uri, s) for s in WEIGHT_SUFFIXES):
+        raise FileNotFoundError(f"{uri} has open_clip_config.json but no weights")
+    return ModelRef(uri, is_dir=True)
 
 
 def load_model(model: str | Path | ModelRef) -> tuple[torch.nn.Module, Any, Any]:

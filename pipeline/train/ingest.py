@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline import storage
 
 CHUNK_ROWS = 256  # the unit dealt to workers: small enough to balance them within a few rows
 GROUP_CHUNKS = 4  # chunks read and permuted together: a batch mixes rows of several shards
@@ -35,18 +36,19 @@ class Chunk:
         return self.stop - self.start
 
 
-def shard_files(shards: Path) -> list[Path]:
-    # Hidden files are partial writes of the prepare stage, never finished shards.
-    return sorted(p for p in Path(shards).glob("*.parquet") if not p.name.startswith("."))
+def shard_files(shards: str) -> list[str]:
+    # Hidden files are partial writes of the prepare stage, never finished shards (list_files
+    # skips them); a local folder or a bucket's prefix alike.
+    return storage.list_files(shards, ".parquet")
 
 
-def list_chunks(shards: Path, world: int, chunk_rows: int = CHUNK_ROWS) -> list[Chunk]:
+def list_chunks(shards: str, world: int, chunk_rows: int = CHUNK_ROWS) -> list[Chunk]:
     """Every row of the shards exactly once, in chunks of at most ``chunk_rows`` rows.
 
     Small datasets get smaller chunks (at least 16 a worker), so dealing whole chunks still
     gives every worker nearly the same number of rows.
     """
-    files = [(str(p), pq.ParquetFile(p).metadata) for p in shard_files(shards)]
+    files = [(p, storage.parquet_file(p).metadata) for p in shard_files(shards)]
     total = sum(meta.num_rows for _, meta in files)
     chunk_rows = max(1, min(chunk_rows, total // (16 * world)))
     chunks = []
@@ -146,7 +148,7 @@ def read_group(item: dict[str, Any], columns: list[str]) -> pa.Table:
     files: dict[str, pq.ParquetFile] = {}
     chunks = zip(item["paths"], item["row_groups"], item["starts"], item["stops"], strict=True)
     for path, row_group, start, stop in chunks:
-        f = files.setdefault(path, pq.ParquetFile(path))
+        f = files.setdefault(path, storage.parquet_file(path))
         parts.append(f.read_row_group(row_group, columns=columns).slice(start, stop - start))
     table = pa.concat_tables(parts)
     order = np.random.default_rng([int(s) for s in item["seed"]]).permutation(table.num_rows)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import console
+from pipeline import console, storage
 from pipeline.config import TrainConfig, from_dict
 from pipeline.console import set_ray_console_level
 from pipeline.faults import commit_point, worker_env
@@ -124,7 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     per_worker_batch = cfg.global_batch_size // world
-    chunks = list_chunks(Path(config["shards"]), world)
+    chunks = list_chunks(config["shards"], world)
     epoch_steps = training_schedule(cfg, chunks, world)
     total_steps = sum(epoch_steps)
 
@@ -175,6 +175,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if config.get("tensorboard_dir"):
             from tensorboardX import SummaryWriter
 
+            # tensorboardX writes s3:// itself (boto3, AWS_ENDPOINT_URL); other URIs and
+            # local folders go through the local path or are uploaded by the event writer.
             writer = SummaryWriter(config["tensorboard_dir"])
         if config.get("zeroshot_dataset") and cfg.zeroshot_every_steps:
             probe = ZeroShotProbe(
@@ -351,9 +353,9 @@ def check_config(cfg: TrainConfig) -> None:
 
 def build_trainer(
     cfg: TrainConfig,
-    shards: Path,
+    shards: str,
     num_samples: int,
-    storage: Path,
+    storage_path: str,
     *,
     name: str = "train",
     zeroshot_dataset: str | Path | None = None,
@@ -373,13 +375,14 @@ def build_trainer(
             f"only {num_samples} training samples, fewer than one global batch "
             f"({cfg.global_batch_size}); lower the batch size or prepare more data"
         )
-    # Ray rebuilds the config on each worker; absolute paths survive a --working-dir change.
-    storage = Path(storage).resolve()
+    # Ray rebuilds the config on each worker; absolute paths survive a --working-dir change,
+    # and URIs (a run dir in a bucket) reach every node.
+    storage_path = storage.normalize(storage_path)
     config = {
         "train": dataclasses.asdict(cfg),
-        "shards": str(Path(shards).resolve()),
-        "tensorboard_dir": str(storage / name / "tensorboard"),
-        "zeroshot_dataset": str(Path(zeroshot_dataset).resolve()) if zeroshot_dataset else None,
+        "shards": storage.normalize(shards),
+        "tensorboard_dir": storage.join(storage_path, name, "tensorboard"),
+        "zeroshot_dataset": storage.normalize(zeroshot_dataset) if zeroshot_dataset else None,
         # The job's --log-level (jobs/common.set_log_level), for Ray's loggers on the workers.
         "log_level": console.level(),
     }
@@ -397,7 +400,9 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage),
+            # Checkpoints go to the run dir wherever it is: a local folder or a bucket.
+            storage_path=storage.arrow_filesystem(storage_path)[1],
+            storage_filesystem=storage.arrow_filesystem(storage_path)[0],
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -422,17 +427,20 @@ def load_checkpoint_model(checkpoint_dir: str | Path, cfg: TrainConfig) -> torch
 
 def run_training(
     cfg: TrainConfig,
-    shards: Path,
+    shards: str,
     num_samples: int,
-    storage: Path,
+    storage_path: str,
     zeroshot_dataset: str | Path | None = None,
 ):
     """Train, then export the final checkpoint to STORAGE/model; returns (result, metrics)."""
-    trainer = build_trainer(cfg, shards, num_samples, storage, zeroshot_dataset=zeroshot_dataset)
+    trainer = build_trainer(
+        cfg, shards, num_samples, storage_path, zeroshot_dataset=zeroshot_dataset
+    )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint in {storage / 'train'}")
+        where = storage.join(storage_path, "train")
+        raise RuntimeError(f"training finished without a checkpoint in {where}")
     with result.checkpoint.as_directory() as d:
         model = load_checkpoint_model(d, cfg)
-    export_local_dir(model, model_config(cfg.model), storage / "model")
+    export_local_dir(model, model_config(cfg.model), storage.join(storage_path, "model"))
     return result, dict(result.metrics or {})

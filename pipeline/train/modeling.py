@@ -15,7 +15,8 @@ from typing import Any
 
 import open_clip
 import torch
-from safetensors.torch import save_file
+
+from pipeline import storage
 
 MODEL_CONFIG_DIR = Path(__file__).parent.parent / "models"
 _registered: set[str] = set()
@@ -86,28 +87,35 @@ def preprocess_config(model: torch.nn.Module) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
-def export_local_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Path) -> Path:
+def export_local_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: str) -> str:
     """Write open_clip's local-dir layout: open_clip_config.json + open_clip_model.safetensors.
 
-    Loadable with ``open_clip.create_model_and_transforms('local-dir:' + str(out_dir))``.
+    `out_dir` is a local folder or a URI (RUN/model in a bucket); each file is written whole,
+    the weights before the config, so a folder with a config always has its weights.
+    Loadable with ``open_clip.create_model_and_transforms('local-dir:' + out_dir)`` (after
+    `jobs/export.py --to DIR` when it is a URI).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save
+
+    out_dir = storage.normalize(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights = out_dir / "open_clip_model.safetensors"
-    tmp = out_dir / ".open_clip_model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(weights)
+    storage.write_bytes(storage.join(out_dir, "open_clip_model.safetensors"), save(state))
     if getattr(model, "logit_bias", None) is not None:
         # Without it open_clip would rebuild the model with no bias and refuse the weights.
         model_cfg = {**model_cfg, "init_logit_bias": float(model.logit_bias.detach())}
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(model)}
-    (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    storage.write_text(
+        storage.join(out_dir, "open_clip_config.json"), json.dumps(config, indent=2) + "\n"
+    )
     return out_dir
 
 
 def load_local_dir(path: str | Path) -> tuple[torch.nn.Module, Any, Any]:
-    """(model in eval mode, preprocess, tokenizer) from an exported local-dir."""
+    """(model in eval mode, preprocess, tokenizer) from an exported local-dir (or a URI of
+    one, copied to a temporary folder while it loads)."""
+    if storage.is_uri(path):
+        with storage.local_copy(path) as local:
+            return load_local_dir(local)
     path = Path(path)
     if not (path / "open_clip_config.json").is_file():
         raise FileNotFoundError(f"{path} is not an exported model: no open_clip_config.json")

@@ -25,7 +25,7 @@ class ZeroShotProbe:
         from open_clip.transform import PreprocessCfg, image_transform_v2
         from PIL import Image
 
-        from pipeline.evaluate.datasets import load_image_folder
+        from pipeline.evaluate.datasets import image_source, load_image_folder
         from pipeline.train.modeling import _quiet_root_logger, resolve_model_name
 
         data = load_image_folder(folder)
@@ -37,7 +37,9 @@ class ZeroShotProbe:
                 paths.append(path)
                 labels.append(label)
         transform = image_transform_v2(PreprocessCfg(size=image_size), is_train=False)
-        self.images_NCHW = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+        self.images_NCHW = torch.stack(
+            [transform(Image.open(image_source(p)).convert("RGB")) for p in paths]
+        )
         self.labels_N = torch.tensor(labels)
         # A long template list (e.g. OpenAI's 80) would cost more than the probe is worth.
         templates = data.templates[:max_templates]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_injected_cras
 
 def _stats(run: RunDir) -> dict:
     """stats.json without what depends on timing or on the folder."""
-    stats = json.loads(run.stats_path.read_text())
+    stats = json.loads(Path(run.stats_path).read_text())
     for stage in stats["stages"].values():
         stage.pop("seconds")
     return {k: v for k, v in stats.items() if k not in ("wall_seconds", "images_per_second",
@@ -56,7 +57,9 @@ def test_crash_at_the_end_of_prepare_then_rerun(ray_local, server, tmp_path, mon
         run = prepare(tmp_path / point)  # the same command again
         assert outcome(run.root) == outcome(reference.root), point
         assert _stats(run) == _stats(reference), point
-        assert run.stage("prepare")["samples"] == 10 and (run.root / "data/funnel.png").exists()
+        assert (
+            run.stage("prepare")["samples"] == 10 and (Path(run.root) / "data/funnel.png").exists()
+        )
 
 
 def test_crash_at_checkpoint_save_then_rerun(ray_local, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import signal
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
@@ -96,7 +97,7 @@ def test_a_batch_that_kills_its_actor_twice_is_rejected_row_by_row(ray_local, tm
     assert stats["samples"] == 8 and stats["rejects"] == 4
     assert stats["stages"]["download"]["drops"] == {"worker_crash": 4}
     rejects = [
-        r for f in sorted(run.rejects.glob("*.parquet")) for r in pq.read_table(f).to_pylist()
+        r for f in sorted(Path(run.rejects).glob("*.parquet")) for r in pq.read_table(f).to_pylist()
     ]
     assert sorted(r["url"] for r in rejects) == sorted(urls[4:8])  # the batch's rows, each once
     assert Counter(r["reason"] for r in rejects) == {"worker_crash": 4}

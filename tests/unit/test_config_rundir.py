@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -138,7 +139,7 @@ def test_manifest_round_trip(tmp_path):
     run = RunDir.at(tmp_path / "run")
     assert run.manifest() == {"stages": {}}
     assert run.is_done("prepare", "abc") is False
-    assert not run.manifest_path.exists()  # reading never creates the file
+    assert not Path(run.manifest_path).exists()  # reading never creates the file
 
     run.mark_done("prepare", "abc", samples=12, rejects=3)
     run.mark_done("train", "def")
@@ -160,7 +161,7 @@ def test_manifest_round_trip(tmp_path):
     assert run.stage("prepare") is None
     assert run.is_done("prepare", "anything") is False
     assert run.is_done("train", "def") is True
-    assert sorted(json.loads(run.manifest_path.read_text())["stages"]) == ["train"]
+    assert sorted(json.loads(Path(run.manifest_path).read_text())["stages"]) == ["train"]
 
 
 def test_is_done_with_another_hash_raises_naming_the_stage(tmp_path):
@@ -181,7 +182,7 @@ def test_is_done_with_another_hash_raises_naming_the_stage(tmp_path):
 def test_run_dir_paths_follow_the_design(tmp_path):
     run = RunDir.at(tmp_path)
     rel = {
-        name: getattr(run, name).relative_to(run.root).as_posix()
+        name: Path(getattr(run, name)).relative_to(run.root).as_posix()
         for name in (
             "manifest_path",
             "shards",
@@ -234,13 +235,21 @@ def test_an_unfinished_stage_folder_is_resumed_only_under_its_own_configuration(
     a = {"config": {"lr": 0.002}, "inputs": {"shards": "aaaa"}}
     b = {"config": {"lr": 0.001}, "inputs": {"shards": "aaaa"}}
     claim(run.train, a, fresh=False, what="training run")
-    (run.train / "checkpoint").write_text("step 200")
+    (Path(run.train) / "checkpoint").write_text("step 200")
     claim(run.train, a, fresh=False, what="training run")  # same identity: resumed, kept
-    assert (run.train / "checkpoint").read_text() == "step 200"
+    assert (Path(run.train) / "checkpoint").read_text() == "step 200"
     with pytest.raises(StageConfigMismatch, match="unfinished training run of another") as err:
         claim(run.train, b, fresh=False, what="training run")
     assert "config.lr: 0.002 -> 0.001" in str(err.value)  # names what differs
-    assert (run.train / "checkpoint").exists()  # refused: nothing written is lost
+    assert (Path(run.train) / "checkpoint").exists()  # refused: nothing written is lost
     claim(run.train, b, fresh=True, what="training run")  # --force
-    assert not (run.train / "checkpoint").exists()
-    assert json.loads((run.train / ".identity.json").read_text()) == b
+    assert not (Path(run.train) / "checkpoint").exists()
+    assert json.loads((Path(run.train) / ".identity.json").read_text()) == b
+
+
+def test_a_run_dir_in_a_bucket_keeps_its_uri():
+    # Not a local folder named "s3:" in the working directory (issue 13).
+    run = RunDir.at("s3://bucket/runs/one/")
+    assert run.root == "s3://bucket/runs/one"
+    assert run.shards == "s3://bucket/runs/one/data/shards"
+    assert run.eval_results_path == "s3://bucket/runs/one/eval/results.json"

@@ -176,7 +176,8 @@ def test_a_config_file_naming_a_swept_field_is_refused_too(tmp_path):
 
 
 # -- identities -----------------------------------------------------------------------------
-def _shards(folder: Path, rows: int) -> None:
+def _shards(folder: str | Path, rows: int) -> None:
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"key": [str(i) for i in range(rows)]}), folder / "00000.parquet")
 
@@ -204,20 +205,20 @@ def test_new_shards_make_train_and_eval_run_again(tmp_path):
     s = build_spec(stages=("train",), run_dir=str(run.root))
     pretrain.finish(run, "train", pretrain.train_identity(s, run), metrics={})
     assert not pretrain.decide(run, "train", pretrain.train_identity(s, run), False).run
-    (run.train / "checkpoint_000001").mkdir(parents=True)
+    (Path(run.train) / "checkpoint_000001").mkdir(parents=True)
     _shards(run.shards, 12)  # prepare wrote other shards
     decision = pretrain.decide(run, "train", pretrain.train_identity(s, run), False)
     assert decision.run and decision.fresh
     assert decision.why.startswith("its input changed since it ran: inputs.shards (from prepare): ")
     log: list[str] = []
     pretrain.begin(s, run, "train", pretrain.train_identity(s, run), log.append, run.train)
-    assert not (run.train / "checkpoint_000001").exists()  # no stale checkpoint to resume
+    assert not (Path(run.train) / "checkpoint_000001").exists()  # no stale checkpoint to resume
     assert log == [f"[train] {decision.why}: running it again"]
     # Eval's identity holds the model's weights.
-    run.model.mkdir(parents=True)
-    (run.model / "open_clip_model.safetensors").write_bytes(b"weights one")
+    Path(run.model).mkdir(parents=True)
+    (Path(run.model) / "open_clip_model.safetensors").write_bytes(b"weights one")
     before = pretrain.model_fingerprint(run.model)
-    (run.model / "open_clip_model.safetensors").write_bytes(b"weights two")
+    (Path(run.model) / "open_clip_model.safetensors").write_bytes(b"weights two")
     assert pretrain.model_fingerprint(run.model) != before
 
 
@@ -281,7 +282,7 @@ def test_run_card_describes_the_model(tmp_path):
     ident = pretrain.train_identity(s, run)
     metrics = {"step": 40, "logit_scale": 20.0, "loss": 1.5}
     pretrain.write_run_card(s, run, ident, metrics, global_batch_size=64)
-    card = json.loads((run.model / "run_card.json").read_text())
+    card = json.loads((Path(run.model) / "run_card.json").read_text())
     assert (card["final_step"], card["samples_seen"]) == (40, 40 * 64)
     assert card["temperature"] == pytest.approx(0.05)
     assert card["shards_fingerprint"] == pretrain.shards_fingerprint(run.shards)
@@ -292,7 +293,7 @@ def test_run_card_describes_the_model(tmp_path):
         "ray": ray.__version__,
     }
     pretrain._add_eval_to_run_card(run, {"top1": 0.5, "top5": 0.9})
-    assert json.loads((run.model / "run_card.json").read_text())["eval"]["top1"] == 0.5
+    assert json.loads((Path(run.model) / "run_card.json").read_text())["eval"]["top1"] == 0.5
 
 
 def test_clip_benchmark_shape():
@@ -378,4 +379,4 @@ def test_a_refused_rerun_stops_before_ray_and_writes_nothing(tmp_path, monkeypat
     )
     with pytest.raises(StageConfigMismatch, match=r"train\.lr: 0\.002 -> 0\.001"):
         run_spec(new, address=None)
-    assert not (run.root / "config.json").exists()
+    assert not (Path(run.root) / "config.json").exists()

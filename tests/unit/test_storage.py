@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pytest
 
@@ -77,3 +79,22 @@ def test_normalize_and_join():
     assert storage.parent("s3://b/run/data") == "s3://b/run"
     assert storage.normalize("file:///tmp/x") == "/tmp/x"
     assert storage.is_uri("gs://b") and not storage.is_uri("/tmp/x")
+
+
+def test_find_files_parquet_rows_and_local_copies(root, tmp_path):
+    import pyarrow as pa
+
+    storage.write_text(storage.join(root, "set", "a", "1.png"), "x")
+    storage.write_text(storage.join(root, "set", "b", "2.png"), "yy")
+    storage.write_parquet(pa.table({"k": [1, 2, 3]}), storage.join(root, "set", "t.parquet"))
+    found = storage.find_files(storage.join(root, "set"))
+    assert [rel for rel, _ in found] == ["a/1.png", "b/2.png", "t.parquet"]
+    assert found[1][1] == 2
+    assert storage.find_files(storage.join(root, "nothing")) == []
+    assert storage.parquet_rows(storage.join(root, "set", "t.parquet")) == 3
+    with storage.local_copy(storage.join(root, "set")) as local:
+        assert open(os.path.join(local, "b", "2.png")).read() == "yy"
+    with storage.local_output(storage.join(root, "out")) as local:
+        with open(os.path.join(local, "events"), "w") as f:
+            f.write("tb")
+    assert storage.read_text(storage.join(root, "out", "events")) == "tb"

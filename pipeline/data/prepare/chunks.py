@@ -61,15 +61,15 @@ class Progress:
     """The data/ folder of a run: shards, rejects and one marker per finished shard."""
 
     def __init__(self, run: RunDir, fingerprint: str, fresh: bool = False):
-        self.shards, self.rejects = run.shards, run.rejects
-        self.dir = run.root / "data" / "progress"
+        self.shards, self.rejects = Path(run.shards), Path(run.rejects)
+        self.dir = Path(run.progress)
         stamp = self.dir / "fingerprint"
         if fresh:
             for d in (self.shards, self.rejects, self.dir):
                 shutil.rmtree(d, ignore_errors=True)
         if stamp.exists() and stamp.read_text() != fingerprint:
             raise StageConfigMismatch(
-                f"{run.root / 'data'} holds an unfinished prepare run of another URL list or "
+                f"{run.data} holds an unfinished prepare run of another URL list or "
                 "configuration; rerun with --force to discard it, or choose another --run-dir"
             )
         if not stamp.exists():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -285,7 +286,7 @@ def run_prepare(
     markers = [m for _, m in sorted(progress.done().items())]
     stats = build_stats(markers, time.perf_counter() - start, rows_run)
     stats["retried"] = retried
-    funnel_png = run.stats_path.parent / "funnel.png"
+    funnel_png = Path(run.stats_path).parent / "funnel.png"
     stats["paths"] = {
         "shards": str(run.shards),
         "rejects": str(run.rejects),
