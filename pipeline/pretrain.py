@@ -377,7 +377,8 @@ def train_seconds(metrics: dict[str, Any], fit_at: float, done_at: float) -> dic
         return {}
     points = [fit_at, *marks, done_at]
     names = ("workers_start", "model_and_data_plan", "first_batch", "steps", "checkpoint_export")
-    return {n: round(max(0.0, b - a), 1) for n, a, b in zip(names, points, points[1:], strict=True)}
+    pairs = zip(names, points[:-1], points[1:], strict=True)
+    return {n: round(max(0.0, b - a), 1) for n, a, b in pairs}
 
 
 def _record_derived(spec: RunSpec, run: RunDir, layout: Any) -> None:
@@ -680,11 +681,14 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
         t = cfg.train
         if name == "train":
             layout = _dry_run_layout(t)
-            workers = layout.describe()
-            if layout.auto:
-                workers = f"num_workers auto -> {workers} if Ray starts on this machine"
+            if layout is None:
+                workers = "num_workers auto: decided from the cluster once Ray starts"
+            elif layout.auto:
+                workers = f"num_workers auto -> {layout.describe()} if Ray starts on this machine"
+            else:
+                workers = layout.describe()
             out = {
-                "steps": _train_steps(spec, run, layout.num_workers),
+                "steps": _train_steps(spec, run, layout.num_workers if layout else 1),
                 "resources": f"{workers}, data tasks {t.data_cpus_per_task:g} CPU each",
             }
         else:
@@ -718,10 +722,16 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
 
 
 def _dry_run_layout(t: Any) -> Any:
-    """The training layout without Ray: "auto" as this machine would resolve it."""
+    """The training layout without Ray: "auto" as this machine would resolve it (None where
+    it cannot: e.g. --use-gpu on a machine without one, which the cluster may well have)."""
     from pipeline.train.layout import AUTO, resolve_layout, this_machine
 
-    return resolve_layout(t, this_machine() if t.num_workers == AUTO else None)
+    if t.num_workers != AUTO:
+        return resolve_layout(t, None)
+    try:
+        return resolve_layout(t, this_machine())
+    except ValueError:
+        return None
 
 
 def _train_steps(spec: RunSpec, run: RunDir, workers: int) -> str:

@@ -4,7 +4,8 @@
 The spec keeps "auto"; the layout is a separate value, derived once the cluster is known (after
 Ray starts) and passed down to the trainer, the manifest and the summary. Rules for "auto":
 
-- GPUs (with train.use_gpu): one worker per GPU in the cluster, as many as split the batch.
+- GPUs (with train.use_gpu): one worker per GPU in the cluster, as many as split the batch;
+  none yet (an autoscaling cluster adds them on demand) is an error: give a count.
 - CPUs only, one node (a laptop, or a one-node cluster): one worker using all the node's
   cores, bar a little for Ray Data's decode tasks. On CPUs every extra worker adds a gradient
   all-reduce and a feature gather per step between processes that share the same cores: on 2
@@ -115,6 +116,12 @@ def resolve_layout(cfg: TrainConfig, cluster: Cluster | None, *, trial: bool = F
             True,
             True,
             f"auto: {workers} GPU worker{'s' if workers > 1 else ''}: {why}",
+        )
+    if cfg.use_gpu:
+        # An autoscaling cluster may have no GPU node up yet: auto cannot count what it will add.
+        raise ValueError(
+            "train.num_workers is auto with train.use_gpu, but the cluster has no GPU now (an "
+            "autoscaling cluster adds GPU nodes on demand): give --num-workers N"
         )
     cpu_nodes = [c for c, _ in cluster.nodes if c >= 1]
     if not cpu_nodes:

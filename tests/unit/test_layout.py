@@ -88,6 +88,12 @@ def test_gpus_one_worker_each():
     assert "so the global batch 256 splits evenly" in layout.why
 
 
+def test_use_gpu_without_a_gpu_is_refused_rather_than_run_on_cpus():
+    cfg = dataclasses.replace(AUTO, use_gpu=True)
+    with pytest.raises(ValueError, match="has no GPU now .* give --num-workers N"):
+        resolve_layout(cfg, Cluster(((8.0, 0.0),)))
+
+
 def test_gpus_are_left_alone_when_use_gpu_is_off():
     layout = resolve_layout(AUTO, Cluster(((8.0, 1.0),)))
     assert (layout.num_workers, layout.use_gpu) == (1, False)
@@ -175,3 +181,15 @@ def test_the_train_stage_splits_its_time_at_the_workers_marks():
         "checkpoint_export": 3.0,
     }
     assert pretrain.train_seconds({"step": 360}, 100.0, 403.0) == {}  # no marks: no split
+
+
+def test_dry_run_with_use_gpu_on_a_machine_without_one_is_not_refused(tmp_path, monkeypatch):
+    import pipeline.train.layout as layout_module
+
+    monkeypatch.setattr(layout_module, "this_machine", lambda: Cluster(((2.0, 0.0),)))
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, use_gpu=True))
+    spec = spec_of(cfg, tmp_path / "run", ("train",), dry_run=True)
+    (row,) = pretrain.plan(spec, RunDir.at(spec.run_dir))
+    assert row["action"] == "run"  # the cluster Ray joins may have the GPUs
+    assert "num_workers auto: decided from the cluster once Ray starts" in row["resources"]
