@@ -369,6 +369,9 @@ def train(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     return metrics
 
 
+TRAIN_PARTS = ("workers_start", "model_and_data_plan", "first_batch", "steps", "checkpoint_export")
+
+
 def train_seconds(metrics: dict[str, Any], fit_at: float, done_at: float) -> dict[str, float]:
     """The train stage's wall time split at the last worker start's marks (epoch seconds; the
     driver's clock against rank 0's, which agree on one machine): empty without them."""
@@ -376,8 +379,7 @@ def train_seconds(metrics: dict[str, Any], fit_at: float, done_at: float) -> dic
     if any(m is None for m in marks):
         return {}
     points = [fit_at, *marks, done_at]
-    names = ("workers_start", "model_and_data_plan", "first_batch", "steps", "checkpoint_export")
-    pairs = zip(names, points[:-1], points[1:], strict=True)
+    pairs = zip(TRAIN_PARTS, points[:-1], points[1:], strict=True)
     return {n: round(max(0.0, b - a), 1) for n, a, b in pairs}
 
 
@@ -635,7 +637,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         parts = ", ".join(f"{k} {_clock(v)}" for k, v in summary["stage_seconds"].items())
         lines.append(f"time : {_clock(summary['wall_seconds'])} in all ({parts})")
         if summary.get("train_seconds"):
-            parts = ", ".join(f"{k} {v:.0f}s" for k, v in summary["train_seconds"].items())
+            split = summary["train_seconds"]  # in the order they happen (JSON sorts the keys)
+            parts = ", ".join(f"{k} {split[k]:.0f}s" for k in TRAIN_PARTS if k in split)
             lines.append(f"       train: {parts}")
     lines.append("outputs:")
     lines.extend(

@@ -193,3 +193,14 @@ def test_dry_run_with_use_gpu_on_a_machine_without_one_is_not_refused(tmp_path, 
     (row,) = pretrain.plan(spec, RunDir.at(spec.run_dir))
     assert row["action"] == "run"  # the cluster Ray joins may have the GPUs
     assert "num_workers auto: decided from the cluster once Ray starts" in row["resources"]
+
+
+def test_the_train_split_prints_in_the_order_it_happens(tmp_path):
+    run = RunDir.at(tmp_path / "run")
+    spec = spec_of(get_preset("tiny"), run.root, ("train",))
+    split = {"steps": 90.0, "checkpoint_export": 8.0, "workers_start": 48.0}
+    run.mark_done("train", "x", metrics={"step": 4, "loss": 1.0, "samples_per_second": 9.0},
+                  seconds=split)  # fmt: skip
+    summary = pretrain.summary(spec, run, {"train": 150.0}, 151.0)
+    text = pretrain.format_summary(summary)
+    assert "       train: workers_start 48s, steps 90s, checkpoint_export 8s" in text
