@@ -13,8 +13,12 @@ import argparse
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+# The job's wall clock starts here, before the heavy imports: the summary's total includes them.
+STARTED = time.monotonic()
 
 # `python jobs/x.py` from a checkout that was not pip-installed (e.g. a Ray job's working dir).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -131,7 +135,8 @@ def _metavar(tp: Any) -> str:
         return {"bool": "BOOL", "int": "N", "float": "X"}.get(name[8:], "TEXT") + ",..."
     if name == "[float, float]":
         return "LOW:HIGH"
-    return {"int": "N", "float": "X", "str": "TEXT"}.get(name, name.upper())
+    names = {"int": "N", "float": "X", "str": "TEXT", "int or text": "N|auto"}
+    return names.get(name, name.upper())
 
 
 def _parser(tp: Any):
@@ -262,9 +267,14 @@ def set_log_level(level: str) -> None:
     set_ray_console_level(level)
 
 
-def run_spec(spec: RunSpec, address: str | None, after: Any = None) -> RunSpec:
+def run_spec(
+    spec: RunSpec, address: str | None, after: Any = None, started: float | None = None
+) -> RunSpec:
     """The one place a job opens its run dir and runs its stages: validate the spec, then
-    (unless a dry run) save it as RUN/config.json, start Ray, run the stages, summarise."""
+    (unless a dry run) save it as RUN/config.json, start Ray, run the stages, summarise.
+
+    started: time.monotonic() when the job began (default: now), for the summary's seconds."""
+    started = time.monotonic() if started is None else started
     spec = validate(spec)
     run = RunDir.at(spec.run_dir)
     rows = pretrain.plan(spec, run)
@@ -277,10 +287,17 @@ def run_spec(spec: RunSpec, address: str | None, after: Any = None) -> RunSpec:
     storage.makedirs(run.root)
     with hold_run_dir(run.root):  # one job per run dir: a second is refused, naming the holder
         write_json_atomic(run.config_path, spec.to_dict())
+        # Seconds of each part of this command, in the summary (setup: imports and checks).
+        seconds = {"setup": time.monotonic() - started}
+        mark = time.monotonic()
         init_ray(address)
+        seconds["ray_start"] = time.monotonic() - mark
         for stage in spec.stages:
+            mark = time.monotonic()
             getattr(pretrain, stage)(spec, run)
-        print(pretrain.format_summary(pretrain.summary(spec, run)))
+            seconds[pretrain.STAGE_KEYS.get(stage, stage)] = time.monotonic() - mark
+        summary = pretrain.summary(spec, run, seconds, time.monotonic() - started)
+        print(pretrain.format_summary(summary))
         if after is not None:
             after(spec, run)
     return spec
@@ -385,6 +402,6 @@ def run_job(
     set_log_level(args.log_level)
     try:
         spec = spec_from_args(parser, args, stages, sweep=getattr(args, "sweep", False))
-        run_spec(spec, args.address)
+        run_spec(spec, args.address, started=STARTED)
     except ERRORS as err:
         fail(err)

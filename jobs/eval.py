@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from common import ERRORS, fail, init_ray, job_parser, run_spec, set_log_level
+from common import ERRORS, STARTED, fail, init_ray, job_parser, run_spec, set_log_level
 
 from pipeline import storage
 from pipeline.config import get_preset
@@ -127,7 +127,7 @@ def run_dir_spec(args: argparse.Namespace):
 
 
 def run_dir_mode(args: argparse.Namespace) -> None:
-    run_spec(run_dir_spec(args), args.address)
+    run_spec(run_dir_spec(args), args.address, started=STARTED)
 
 
 def standalone(args: argparse.Namespace) -> dict:

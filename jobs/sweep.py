@@ -15,7 +15,7 @@ training flag (--warmup-steps, --zeroshot-every-steps, --num-workers, ...) appli
 
 from __future__ import annotations
 
-from common import ERRORS, fail, job_parser, run_spec, set_log_level, spec_from_args
+from common import ERRORS, STARTED, fail, job_parser, run_spec, set_log_level, spec_from_args
 
 
 def _leaderboard(spec, run) -> None:
@@ -39,7 +39,7 @@ def main() -> None:
             _leaderboard(None, RunDir.at(args.show))
             return
         spec = spec_from_args(parser, args, ("train", "evaluate"), sweep=True)
-        run_spec(spec, args.address, after=None if args.dry_run else _leaderboard)
+        run_spec(spec, args.address, after=None if args.dry_run else _leaderboard, started=STARTED)
     except ERRORS as err:
         fail(err)
 

@@ -352,6 +352,7 @@ def shard_ticker(progress: str, total: int, log: Any, every_s: float = 15.0):
 
 
 def train(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
+    from pipeline.train.layout import AUTO, cluster_now, resolve_layout
     from pipeline.train.loop import run_training
 
     if spec.inputs.shards is not None:  # once: a rerun finds the import whole and skips it
@@ -366,14 +367,53 @@ def train(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
         return run.stage("train")["metrics"]
     cfg = spec.config.train
     num_samples = count_samples(run.shards)
-    log(f"[train] {num_samples} samples, {cfg.num_workers} workers")
+    # The spec keeps num_workers "auto"; the layout is derived here, where the cluster is known.
+    layout = resolve_layout(cfg, cluster_now() if cfg.num_workers == AUTO else None)
+    log(f"[train] {num_samples} samples, {layout.describe()}")
+    if layout.auto:
+        log(f"[train] workers: {layout.why}")
+        _record_derived(spec, run, layout)
+    fit_at = time.time()
     _, metrics = run_training(
-        cfg, run.shards, num_samples, run.root, zeroshot_dataset=val_path(spec, run)
+        cfg, run.shards, num_samples, run.root, zeroshot_dataset=val_path(spec, run), layout=layout
     )
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    seconds = train_seconds(metrics, fit_at, time.time())
+    metrics = {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not k.startswith("marks_")
+    }
     write_run_card(spec, run, ident, metrics, cfg.global_batch_size)
-    finish(run, "train", ident, metrics=metrics, model=str(run.model))
+    finish(
+        run,
+        "train",
+        ident,
+        metrics=metrics,
+        model=str(run.model),
+        layout=dataclasses.asdict(layout),
+        seconds=seconds,
+    )
     return metrics
+
+
+TRAIN_PARTS = ("workers_start", "model_and_data_plan", "first_batch", "steps", "checkpoint_export")
+
+
+def train_seconds(metrics: dict[str, Any], fit_at: float, done_at: float) -> dict[str, float]:
+    """The train stage's wall time split at the last worker start's marks (epoch seconds; the
+    driver's clock against rank 0's, which agree on one machine): empty without them."""
+    marks = [metrics.get(f"marks_{k}_at") for k in ("loop", "ready", "first_batch", "end")]
+    if any(m is None for m in marks):
+        return {}
+    points = [fit_at, *marks, done_at]
+    pairs = zip(TRAIN_PARTS, points[:-1], points[1:], strict=True)
+    return {n: round(max(0.0, b - a), 1) for n, a, b in pairs}
+
+
+def _record_derived(spec: RunSpec, run: RunDir, layout: Any) -> None:
+    """RUN/config.json keeps the spec's "auto" and says, beside it, what it resolved to."""
+    derived = {"train.num_workers": {"auto": dataclasses.asdict(layout)}}
+    write_json_atomic(run.config_path, {**spec.to_dict(), "derived": derived})
 
 
 def sweep(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
@@ -515,7 +555,18 @@ def _add_eval_to_run_card(run: RunDir, results: dict[str, Any]) -> None:
 
 
 # -- summary --------------------------------------------------------------------------------
-def summary(spec: RunSpec, run: RunDir) -> dict[str, Any]:
+# The summary's name of a stage's seconds (the job's stage "evaluate" is its "eval" section).
+STAGE_KEYS = {"evaluate": "eval"}
+
+
+def summary(
+    spec: RunSpec,
+    run: RunDir,
+    stage_seconds: dict[str, float] | None = None,
+    wall_seconds: float | None = None,
+) -> dict[str, Any]:
+    """The headline figures, also written to RUN/summary.json. `stage_seconds`: this
+    command's wall seconds per part (setup, ray_start, each stage), `wall_seconds` its total."""
     stages = run.manifest()["stages"]
     stats = storage.read_json(run.stats_path) if storage.exists(run.stats_path) else {}
     results = (
@@ -553,6 +604,16 @@ def summary(spec: RunSpec, run: RunDir) -> dict[str, Any]:
             "summary": str(run.summary_path),
         },
     }
+    layout = stages.get("train", {}).get("layout")
+    if layout:
+        summary["train"]["workers"] = layout["num_workers"]
+        summary["train"]["threads_per_worker"] = layout["threads"]
+    if stage_seconds is not None:
+        summary["stage_seconds"] = {k: round(v, 1) for k, v in stage_seconds.items()}
+        summary["wall_seconds"] = round(wall_seconds or sum(stage_seconds.values()), 1)
+        entry = stages.get("train", {})
+        if entry.get("seconds") and _finished_since(entry, summary["wall_seconds"]):
+            summary["train_seconds"] = entry["seconds"]  # this command trained
     if "sweep" in stages:
         sweep = stages["sweep"]
         summary["sweep"] = {
@@ -564,6 +625,20 @@ def summary(spec: RunSpec, run: RunDir) -> dict[str, Any]:
             summary["paths"]["tensorboard"] = str(run.sweep)
     write_json_atomic(run.summary_path, summary)
     return summary
+
+
+def _finished_since(entry: dict[str, Any], seconds: float) -> bool:
+    """Whether a manifest entry was finished within the last `seconds`."""
+    import datetime
+
+    at = datetime.datetime.strptime(entry["finished_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    return at >= time.time() - seconds - 1
+
+
+def _clock(seconds: float) -> str:
+    """12.3 -> "12s", 754 -> "12m34s"."""
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -608,6 +683,13 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"eval : top1 {pct('top1')} (seen {pct('seen_top1')}, held-out {pct('heldout_top1')}),"
             f" top5 {pct('top5')}"
         )
+    if summary.get("stage_seconds"):
+        parts = ", ".join(f"{k} {_clock(v)}" for k, v in summary["stage_seconds"].items())
+        lines.append(f"time : {_clock(summary['wall_seconds'])} in all ({parts})")
+        if summary.get("train_seconds"):
+            split = summary["train_seconds"]  # in the order they happen (JSON sorts the keys)
+            parts = ", ".join(f"{k} {split[k]:.0f}s" for k in TRAIN_PARTS if k in split)
+            lines.append(f"       train: {parts}")
     lines.append("outputs:")
     lines.extend(
         f"  {name:<12} {path}"
@@ -654,11 +736,16 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
 
         t = cfg.train
         if name == "train":
-            per = f"{t.cpus_per_worker:g} CPU" + (" + 1 GPU" if t.use_gpu else "")
+            layout = _dry_run_layout(t)
+            if layout is None:
+                workers = "num_workers auto: decided from the cluster once Ray starts"
+            elif layout.auto:
+                workers = f"num_workers auto -> {layout.describe()} if Ray starts on this machine"
+            else:
+                workers = layout.describe()
             out = {
-                "steps": _train_steps(spec, run),
-                "resources": f"{t.num_workers} workers x ({per}), data tasks "
-                f"{t.data_cpus_per_task:g} CPU each",
+                "steps": _train_steps(spec, run, layout.num_workers if layout else 1),
+                "resources": f"{workers}, data tasks {t.data_cpus_per_task:g} CPU each",
             }
         else:
             need = trial_resources(cfg.sweep, t)
@@ -691,14 +778,27 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
     raise ValueError(f"unknown stage {name!r}")
 
 
-def _train_steps(spec: RunSpec, run: RunDir) -> str:
+def _dry_run_layout(t: Any) -> Any:
+    """The training layout without Ray: "auto" as this machine would resolve it (None where
+    it cannot: e.g. --use-gpu on a machine without one, which the cluster may well have)."""
+    from pipeline.train.layout import AUTO, resolve_layout, this_machine
+
+    if t.num_workers != AUTO:
+        return resolve_layout(t, None)
+    try:
+        return resolve_layout(t, this_machine())
+    except ValueError:
+        return None
+
+
+def _train_steps(spec: RunSpec, run: RunDir, workers: int) -> str:
     t = spec.config.train
     if shards_fingerprint(run.shards) is not None:
         from pipeline.train.ingest import list_chunks
         from pipeline.train.loop import training_schedule
 
-        chunks = list_chunks(run.shards, t.num_workers)
-        steps = sum(training_schedule(t, chunks, t.num_workers))
+        chunks = list_chunks(run.shards, workers)
+        steps = sum(training_schedule(t, chunks, workers))
         return f"{steps} steps of {t.global_batch_size} samples"
     if t.max_steps:
         return f"{t.max_steps} steps of {t.global_batch_size} samples"

@@ -144,6 +144,8 @@ def type_name(tp: Any) -> str:
     args = typing.get_args(tp)
     if _is_optional(tp):
         return f"{type_name(_non_none(tp))} or null"
+    if _is_int_or_text(tp):
+        return "int or text"
     if typing.get_origin(tp) is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"list of {type_name(args[0])}"
@@ -155,6 +157,11 @@ def _is_optional(tp: Any) -> bool:
     return isinstance(tp, types.UnionType) and type(None) in typing.get_args(tp)
 
 
+def _is_int_or_text(tp: Any) -> bool:
+    """`int | str`: a count or a word (train.num_workers: 2 or auto)."""
+    return isinstance(tp, types.UnionType) and set(typing.get_args(tp)) == {int, str}
+
+
 def _non_none(tp: Any) -> Any:
     (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
     return inner
@@ -164,6 +171,10 @@ def coerce(value: Any, tp: Any) -> Any:
     """`value` (from JSON or YAML) as a value of type `tp`; ValueError says what was expected."""
     if _is_optional(tp):
         return None if value is None else coerce(value, _non_none(tp))
+    if _is_int_or_text(tp):
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"expected an integer or text, got {value!r}")
+        return value
     if typing.get_origin(tp) is tuple:
         if not isinstance(value, list | tuple):
             raise ValueError(f"expected a {type_name(tp)}, got {value!r}")
@@ -203,6 +214,8 @@ def parse_text(text: str, tp: Any) -> Any:
             if text.strip().lower() in ("", "none", "null")
             else parse_text(text, _non_none(tp))
         )
+    if _is_int_or_text(tp):
+        return int(text) if text.strip().lstrip("-").isdigit() else text.strip()
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         parts = [p.strip() for p in re.split(r"[,:]" if args[-1] is not Ellipsis else ",", text)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -30,10 +29,24 @@ from pipeline.console import set_ray_console_level
 from pipeline.faults import commit_point, worker_env
 from pipeline.train.contrastive import LOSSES, build_loss, contrastive_step
 from pipeline.train.ingest import list_chunks, rank_dataset, rank_items, steps_per_epoch
+from pipeline.train.layout import (
+    AUTO,
+    Layout,
+    check_num_workers,
+    cluster_now,
+    resolve_layout,
+    torch_threads,
+)
 from pipeline.train.modeling import create_model, export_local_dir, model_config, resolve_model_name
 from pipeline.train.probe import ZeroShotProbe
 
 CHECKPOINT_FILE = "state.pt"
+# The last report's copy of this start's wall-clock marks (pipeline.pretrain.train_seconds).
+MARKS = {
+    "start_loop_at": "marks_loop_at",
+    "start_ready_at": "marks_ready_at",
+    "start_first_batch_at": "marks_first_batch_at",
+}
 
 
 def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -75,12 +88,6 @@ def _plan_signature(chunks, world: int, per_worker_batch: int, seed: int) -> dic
     }
 
 
-def torch_threads(cpus: float) -> int:
-    """Compute threads for a worker holding `cpus`: a share of a core is still one thread,
-    and 1.5 CPUs on a 2-core machine compute on both."""
-    return max(1, math.ceil(cpus))
-
-
 def _epoch_bounds(steps_per_epoch: list[int], step: int) -> int:
     """The epoch that global step ``step`` (0-based) belongs to."""
     return int(np.searchsorted(np.cumsum(steps_per_epoch), step, side="right"))
@@ -120,7 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logging.getLogger().setLevel(level.upper())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(torch_threads(cfg.cpus_per_worker))
+    # The layout's threads (all of a CPU node's cores under "auto"), else the CPUs it holds.
+    torch.set_num_threads(config.get("threads") or torch_threads(cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     per_worker_batch = cfg.global_batch_size // world
@@ -253,6 +261,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             run_metrics = _metrics(epoch, loss_value, unwrapped, lr, grad_norm, totals)
             metrics = {"step": step, **run_metrics, **(startup if not startup_sent else {})}
             startup_sent = True  # the marks go with the first report after this start only
+            if step == total_steps:  # and, renamed, with the last: the driver splits its time
+                metrics.update({MARKS[k]: v for k, v in startup.items()}, marks_end_at=time.time())
             if zeroshot_top1 is not None:
                 metrics["zeroshot_top1"] = zeroshot_top1
                 if probe is not None:
@@ -331,15 +341,24 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"precision {cfg.precision!r} is not auto, bf16 or fp32")
     if cfg.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         problems.append(f"placement strategy {cfg.placement_strategy!r} is not a Ray strategy")
-    if cfg.num_workers < 1 or cfg.global_batch_size < 1 or cfg.accum_freq < 1:
-        problems.append("num_workers, global batch size and accum_freq must be at least 1")
-    elif cfg.global_batch_size % cfg.num_workers:
+    workers = 0
+    try:
+        check_num_workers(cfg.num_workers)
+        # "auto" resolves to a count that splits the batch (pipeline/train/layout.py).
+        workers = 1 if cfg.num_workers == AUTO else cfg.num_workers
+    except ValueError as err:
+        problems.append(str(err))
+    if cfg.global_batch_size < 1 or cfg.accum_freq < 1:
+        problems.append("global batch size and accum_freq must be at least 1")
+    elif not workers:
+        pass
+    elif cfg.global_batch_size % workers:
         problems.append(
             f"global batch {cfg.global_batch_size} does not split over {cfg.num_workers} workers"
         )
-    elif (cfg.global_batch_size // cfg.num_workers) % cfg.accum_freq:
+    elif (cfg.global_batch_size // workers) % cfg.accum_freq:
         problems.append(
-            f"a worker's batch of {cfg.global_batch_size // cfg.num_workers} does not split into "
+            f"a worker's batch of {cfg.global_batch_size // workers} does not split into "
             f"accum_freq={cfg.accum_freq} micro-batches"
         )
     if cfg.init_temperature <= 0 or 1 / cfg.init_temperature > cfg.max_logit_scale:
@@ -360,8 +379,12 @@ def build_trainer(
     name: str = "train",
     zeroshot_dataset: str | Path | None = None,
     callbacks: list | None = None,
+    layout: Layout | None = None,
 ):
     """A TorchTrainer over the shards; rerun with the same storage it resumes its checkpoint.
+
+    `layout`: the workers (pipeline/train/layout.py), decided by the caller once the cluster is
+    known; None: resolved here, from the running cluster when num_workers is "auto".
 
     Ray Train storage is STORAGE/NAME, TensorBoard scalars go to STORAGE/NAME/tensorboard.
     With ``zeroshot_dataset`` (an image folder) every report carries ``zeroshot_top1``.
@@ -370,6 +393,8 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     check_config(cfg)  # fail on the driver, with a clear message, before workers start
+    if layout is None:
+        layout = resolve_layout(cfg, cluster_now() if cfg.num_workers == AUTO else None)
     if num_samples < cfg.global_batch_size:
         raise ValueError(
             f"only {num_samples} training samples, fewer than one global batch "
@@ -385,16 +410,17 @@ def build_trainer(
         "zeroshot_dataset": storage.normalize(zeroshot_dataset) if zeroshot_dataset else None,
         # The job's --log-level (jobs/common.set_log_level), for Ray's loggers on the workers.
         "log_level": console.level(),
+        "threads": layout.threads,
     }
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
+            num_workers=layout.num_workers,
+            use_gpu=layout.use_gpu,
             resources_per_worker={
-                "CPU": cfg.cpus_per_worker,
-                **({"GPU": 1} if cfg.use_gpu else {}),
+                "CPU": layout.cpus_per_worker,
+                **({"GPU": 1} if layout.use_gpu else {}),
             },
             placement_strategy=cfg.placement_strategy,
         ),
@@ -431,10 +457,11 @@ def run_training(
     num_samples: int,
     storage_path: str,
     zeroshot_dataset: str | Path | None = None,
+    layout: Layout | None = None,
 ):
     """Train, then export the final checkpoint to STORAGE/model; returns (result, metrics)."""
     trainer = build_trainer(
-        cfg, shards, num_samples, storage_path, zeroshot_dataset=zeroshot_dataset
+        cfg, shards, num_samples, storage_path, zeroshot_dataset=zeroshot_dataset, layout=layout
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -90,7 +90,7 @@ def check_sweep(sweep: SweepConfig, train: TrainConfig, num_samples: int | None 
     for name in ("batch_sizes", "learn_temperature", "seeds"):
         if not getattr(sweep, name):
             fail(f"{name} is empty")
-    workers = train.num_workers
+    workers = trial_workers(train)
     for batch in sweep.batch_sizes:
         if batch <= 0 or batch % workers:
             fail(f"global batch {batch} does not split over {workers} workers per trial")
@@ -196,6 +196,7 @@ def trial_train_config(train: TrainConfig, sweep: SweepConfig, params: dict[str,
     hp = trial_hparams(sweep, params)
     return dataclasses.replace(
         train,
+        num_workers=trial_workers(train),
         init_temperature=hp["temperature"],
         learn_temperature=hp["learn_temperature"],
         global_batch_size=hp["batch_size"],
@@ -211,9 +212,16 @@ def trial_train_config(train: TrainConfig, sweep: SweepConfig, params: dict[str,
 
 
 # -- resources --------------------------------------------------------------------------------
+def trial_workers(train: TrainConfig) -> int:
+    """Workers per trial: train.num_workers, or one for "auto" (trials run side by side)."""
+    from pipeline.train.layout import resolve_layout
+
+    return resolve_layout(train, None, trial=True).num_workers
+
+
 def trial_resources(sweep: SweepConfig, train: TrainConfig) -> dict[str, float]:
     """What one running trial holds: its Tune function, its workers, its data tasks."""
-    workers = train.num_workers
+    workers = trial_workers(train)
     cpu = sweep.driver_cpus_per_trial + workers * train.cpus_per_worker + sweep.data_cpus_per_trial
     return {"CPU": cpu, "GPU": float(workers if train.use_gpu else 0)}
 

@@ -61,6 +61,10 @@ def main() -> None:
     cfg = get_preset("tiny")
     train = dataclasses.replace(
         cfg.train,
+        # Two workers of half a CPU (not auto, which would size one per node to the node): the
+        # head alone holds both after the worker node dies.
+        num_workers=2,
+        cpus_per_worker=0.5,
         placement_strategy="SPREAD",
         max_steps=args.max_steps,
         checkpoint_every_steps=args.checkpoint_every,

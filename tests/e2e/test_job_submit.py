@@ -60,6 +60,19 @@ def test_submit_tiny_pipeline(ray_head, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval"]["top1"] == results["top1"]
     assert Path(summary["paths"]["model"]) == run_dir / "model"
+    # Seconds per part of the command, each positive, together within its wall time.
+    seconds = summary["stage_seconds"]
+    assert set(seconds) == {"setup", "ray_start", "prepare", "train", "eval"}
+    assert all(v > 0 for v in seconds.values()), seconds
+    assert sum(seconds.values()) <= summary["wall_seconds"] + 0.5  # each rounded to 0.1 s
+    # The train stage's own split, from its workers' marks; auto chose one worker on 2 CPUs.
+    assert set(summary["train_seconds"]) == {
+        "workers_start", "model_and_data_plan", "first_batch", "steps", "checkpoint_export"
+    }  # fmt: skip
+    assert sum(summary["train_seconds"].values()) <= seconds["train"] + 0.5
+    assert (summary["train"]["workers"], summary["train"]["threads_per_worker"]) == (1, 2)
+    assert "[train] workers: auto: 1 worker x (1.5 CPU, 2 threads)" in job.stdout
+    assert "time : " in job.stdout
 
     # The export loads with open_clip alone and gives the eval job's figure.
     # (within one image of 128: batch sizes may differ, and with them the last float bits)

@@ -62,8 +62,15 @@ def _write_shards(directory, n: int, files: int = 3) -> None:
 def test_two_workers_train_checkpoint_and_export(ray_local, tmp_path):
     shards = tmp_path / "data" / "shards"
     _write_shards(shards, 96)
+    # Two workers (the default, auto, picks one on a CPU machine): the multi-worker path.
     cfg = TrainConfig(
-        global_batch_size=32, epochs=2, warmup_steps=1, checkpoint_every_steps=4, log_every_steps=2
+        num_workers=2,
+        cpus_per_worker=0.5,
+        global_batch_size=32,
+        epochs=2,
+        warmup_steps=1,
+        checkpoint_every_steps=4,
+        log_every_steps=2,
     )
     staged = set(Path(tempfile.gettempdir()).glob("clip-ckpt-*"))
     result, metrics = run_training(cfg, shards, 96, tmp_path)
@@ -232,6 +239,8 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_last_checkpoin
     shards = tmp_path / "data" / "shards"
     _write_shards(shards, 96)
     cfg = TrainConfig(
+        num_workers=2,
+        cpus_per_worker=0.5,
         global_batch_size=32,
         max_steps=60,
         warmup_steps=1,

@@ -252,12 +252,14 @@ def test_dry_run_prints_the_plan_without_ray_or_writes(tmp_path, capsys, monkeyp
     assert resolved["config"]["train"]["lr"] == 0.001
     assert resolved["set_by"] == {"train.lr": "--lr"}
     assert "prepare   RUN      not finished yet" in out
-    assert "2 workers x (0.5 CPU)" in out and "2 epochs of the shards" in out
+    assert "num_workers auto -> 1 worker x (" in out and "2 epochs of the shards" in out
     # Once shards exist the plan counts the steps, and a finished stage shows as skipped.
     _shards(run / "data" / "shards", 128)
-    s = spec(["--preset", "tiny", "--run-dir", str(run), "--dry-run"], stages=("train",))
+    flags = ["--preset", "tiny", "--run-dir", str(run), "--dry-run", "--num-workers", "2"]
+    s = spec(flags, stages=("train",))
     rows = pretrain.plan(s, RunDir.at(run))
     assert rows[0]["steps"] == "4 steps of 64 samples"  # 2 epochs x 128 rows / 64
+    assert rows[0]["resources"].startswith("2 workers x (0.5 CPU, 1 thread)")
     pretrain.finish(RunDir.at(run), "train", pretrain.train_identity(s, RunDir.at(run)))
     (row,) = pretrain.plan(s, RunDir.at(run))
     assert row["action"] == "skip" and "already finished" in row["why"]
