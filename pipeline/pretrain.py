@@ -244,10 +244,9 @@ def demo(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
 
 
 def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
-    from pipeline.data.prepare import format_funnel, read_url_list
+    from pipeline.data.prepare import format_funnel
 
     ident = prepare_identity(spec)
-    p = spec.config.prepare
     entry = run.stage("prepare")
     # A retry reopens a finished stage of this very identity (decide refuses another one).
     retry = (
@@ -262,10 +261,7 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     if not decision.run:
         return json.loads(run.stats_path.read_text())
     if spec.inputs.url_list is not None:
-        urls = read_url_list(
-            spec.inputs.url_list, p.url_col, p.caption_col, p.save_additional_columns
-        )
-        stats = _run_prepare(spec, run, urls, spec.inputs.url_list, None, decision, log)
+        stats = _run_prepare(spec, run, spec.inputs.url_list, None, decision, log)
     else:
         from pipeline.demo import serve_demo, write_url_list
 
@@ -273,9 +269,8 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
         with serve_demo(run.demo / "www") as base_url:
             log(f"Demo images served at {base_url} while they download")
             path = str(write_url_list(run.demo, base_url))
-            urls = read_url_list(path, p.url_col, p.caption_col, p.save_additional_columns)
             # The demo's list names a new port each time: its fingerprint is its identity.
-            stats = _run_prepare(spec, run, urls, path, digest(ident), decision, log)
+            stats = _run_prepare(spec, run, path, digest(ident), decision, log)
     log(format_funnel(stats))
     finish(
         run,
@@ -288,9 +283,12 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     return stats
 
 
-def _run_prepare(spec, run, urls, path, fingerprint, decision, log):
+def _run_prepare(spec, run, path, fingerprint, decision, log):
     from pipeline.data.prepare import run_prepare
+    from pipeline.data.prepare.run import plan
 
+    # The list's files and row counts only: shard tasks read their own rows.
+    urls = plan(path, spec.config.prepare)
     log(f"[prepare] {len(urls)} rows from {path}")
     total = -(-len(urls) // spec.config.prepare.rows_per_shard)
     with shard_ticker(run.root / "data" / "progress", total, log):

@@ -470,17 +470,12 @@ def validate(spec: RunSpec) -> RunSpec:
         raise SpecError("prepare.rows_per_shard and prepare.download.image_size must be >= 1")
     if "prepare" in stages:
         if inputs.url_list is not None:
-            from pipeline.data.prepare import read_url_list
+            from pipeline.data.prepare.inputs import check_url_list
 
-            urls = read_url_list(
+            # Metadata and first lines only: a list of millions of rows is read by the workers.
+            fingerprint = check_url_list(
                 inputs.url_list, p.url_col, p.caption_col, p.save_additional_columns
             )
-            text = urls.astype(str)
-            import pandas as pd
-
-            fingerprint = hashlib.sha256(
-                pd.util.hash_pandas_object(text, index=False).to_numpy().tobytes()
-            ).hexdigest()[:16]
         else:
             fingerprint = "demo:" + digest(dataclasses.asdict(cfg.demo))
         spec = dataclasses.replace(
