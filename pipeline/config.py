@@ -105,6 +105,9 @@ class PrepareConfig:
     rows_per_shard: int = 2_000
     # Extra URL-list columns carried into shards and rejects, after the DESIGN.md columns.
     save_additional_columns: tuple[str, ...] = ()
+    # Stop the run (error, exit 2) once more than this fraction of the rows fetched so far
+    # (100 at least) failed to download: a mostly dead list. None: never stop.
+    max_failure_rate: float | None = None
     download: DownloadConfig = field(default_factory=DownloadConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)

@@ -466,6 +466,8 @@ def validate(spec: RunSpec) -> RunSpec:
     distance = p.filters.near_duplicate_distance
     if distance is not None and not 0 <= distance <= 15:
         raise SpecError(f"--near-duplicate-distance: {distance} is not within 0..15")
+    if p.max_failure_rate is not None and not 0 <= p.max_failure_rate <= 1:
+        raise SpecError(f"--max-failure-rate: {p.max_failure_rate} is not within 0..1")
     if p.rows_per_shard < 1 or p.download.image_size < 1:
         raise SpecError("prepare.rows_per_shard and prepare.download.image_size must be >= 1")
     if "prepare" in stages:

@@ -352,3 +352,24 @@ def test_kill_minus_9_on_a_bucket_then_rerun(ray_local, server, bucket, tmp_path
     assert markers == [f"part-{c:05d}.json" for c in range(3)]
     marker = storage.read_json(storage.join(root, "data", "progress", markers[0]))
     assert {"node_id", "hostname", "pid", "started", "finished"} <= set(marker)
+
+
+def test_max_failure_rate_stops_a_mostly_dead_list(ray_local, server, tmp_path):
+    from pipeline.data.prepare.run import TooManyFailures
+
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/gone/{i}" for i in range(300)] + [f"{base}/img/{i}" for i in range(10)]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    cfg = get_preset("tiny").prepare
+    cfg = dataclasses.replace(
+        cfg,
+        rows_per_shard=100,
+        max_failure_rate=0.5,
+        download=dataclasses.replace(cfg.download, allowed_networks=("127.0.0.1/32",), retries=0),
+    )
+    lines: list[str] = []
+    with pytest.raises(TooManyFailures, match=r"failed to download \(100% > --max-failure-rate"):
+        run_prepare(str(url_list), RunDir.at(tmp_path / "run"), cfg, log=lines.append)
+    # A live failure-rate line per finished shard, and the shards finished before the stop kept.
+    assert any("part-00000: 100/100 rows failed to download (100%)" in x for x in lines), lines
+    assert list((tmp_path / "run" / "data" / "staged").glob("part-*.json"))

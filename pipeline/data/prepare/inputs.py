@@ -378,6 +378,25 @@ def _peek_columns(fs: fsspec.AbstractFileSystem, file: str) -> tuple[list[str], 
         raise ValueError(f"cannot read URL list {file!r} as {kind}: {printable(err, 300)}") from err
 
 
+def _content_id(fs: fsspec.AbstractFileSystem, file: str) -> list:
+    """A file's identity without reading it whole: its size, and an object store's ETag (the
+    content's MD5 for a single upload) or else a hash of its first and last MiB (which holds a
+    Parquet file's footer: row counts and column statistics). A copy under another name is the
+    same input; a rewrite that keeps the size and both ends is not seen (rerun with --force)."""
+    info = fs.info(file)
+    size = info.get("size")
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return [size, str(etag)]
+    digest = hashlib.sha256()
+    with fs.open(file, "rb") as f:
+        digest.update(f.read(_PEEK_BYTES))
+        if size and size > 2 * _PEEK_BYTES:
+            f.seek(size - _PEEK_BYTES)
+        digest.update(f.read(_PEEK_BYTES))
+    return [size, digest.hexdigest()]
+
+
 def check_url_list(
     path: str,
     url_col: str = "url",
@@ -386,15 +405,12 @@ def check_url_list(
 ) -> str:
     """The checks worth making before Ray starts, from metadata and each file's first lines
     (never the whole list): it exists, its format, its columns, not empty. Returns the list's
-    fingerprint: file names, sizes and etags or modification times, never its content."""
+    fingerprint, from each file's size and ETag or first and last MiB (_content_id)."""
     fs, files = _list_inputs(path)
     wanted = [url_col, caption_col, *additional_columns]
     rows, names, identity = 0, [], []
     for file in files:
-        info = fs.info(file)
-        identity.append(
-            [file, info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("mtime"))]
-        )
+        identity.append(_content_id(fs, file))
         if READERS[os.path.splitext(file)[1].lower()] == "parquet":
             n, _, _, cols = file_info(fs, file, url_col, caption_col, list(additional_columns))
         else:

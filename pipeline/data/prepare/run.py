@@ -41,8 +41,9 @@ CHECK_ROWS = 200_000
 PARTITION_ROWS = 500_000
 
 
-class TooManyFailures(RuntimeError):
-    """--max-failure-rate exceeded: the list is mostly dead, the run stops."""
+class TooManyFailures(ValueError):
+    """--max-failure-rate exceeded: the list is mostly dead, the run stops (an input error:
+    one `error:` line, exit status 2)."""
 
 
 def is_transient(reason: str | None) -> bool:
@@ -259,7 +260,7 @@ def _fetch(job: ShardJob, source: Source, chunks: list[int], duplicates: np.ndar
 
     task = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(prepare_shard)
     k, n = job.cfg.rows_per_shard, source.rows
-    limit = getattr(job.cfg, "max_failure_rate", None)
+    limit = job.cfg.max_failure_rate
     totals = [0, 0]
 
     def call(c: int):
