@@ -161,14 +161,19 @@ def _run_tasks(calls: list, window: int, on_result) -> None:
     import ray
 
     pending: dict = {}
-    calls = list(calls)
-    while calls or pending:
-        while calls and len(pending) < window:
-            key, submit = calls.pop(0)
-            pending[submit()] = key
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            on_result(pending.pop(ref), ray.get(ref))
+    calls = list(reversed(calls))
+    try:
+        while calls or pending:
+            while calls and len(pending) < window:
+                key, submit = calls.pop()
+                pending[submit()] = key
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                on_result(pending.pop(ref), ray.get(ref))
+    except BaseException:
+        for ref in pending:  # the run stops: so do the tasks still running for it
+            ray.cancel(ref, force=True)
+        raise
 
 
 def _window(num_cpus: float) -> int:
@@ -196,6 +201,7 @@ def run_prepare(
     rejected for transient reasons. `fresh` discards earlier outputs first.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.data.download import CrashLedger
 
@@ -217,7 +223,9 @@ def run_prepare(
     dedup = needs_dedup(cfg)
     staged = progress.staged_done() if dedup else {}
     fetch = [c for c in todo if c not in staged]
-    ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
+    # On the driver's node: it lives as long as the run, whichever worker node goes away.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ledger = ray.remote(num_cpus=0)(CrashLedger).options(scheduling_strategy=here).remote()
     job = ShardJob(layout, cfg, sample_schema, reject_schema, ledger)
     try:
         if fetch:
