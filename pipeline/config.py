@@ -108,6 +108,9 @@ class PrepareConfig:
     # Stop the run (error, exit 2) once more than this fraction of the rows fetched so far
     # (100 at least) failed to download: a mostly dead list. None: never stop.
     max_failure_rate: float | None = None
+    # A shard task whose worker finishes no download batch for this long is failed and run
+    # again (a hung worker must not hold the run). None: no watchdog.
+    stall_minutes: float | None = 10.0
     download: DownloadConfig = field(default_factory=DownloadConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)

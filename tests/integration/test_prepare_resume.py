@@ -60,7 +60,9 @@ class Handler(BaseHTTPRequestHandler):
             if server.throttle:
                 time.sleep(server.throttle)
         kind, _, number = path.strip("/").partition("/")
-        if kind == "img" or (kind == "flaky" and not first_time):
+        if kind == "slow" and first_time:  # hangs the first time, as a stuck worker would
+            time.sleep(15)
+        if kind in ("img", "slow") or (kind == "flaky" and not first_time):
             body, status = IMAGES[int(number)], 200
         else:  # /flaky/N fails the first time, as an overloaded origin does; the rest 404
             body, status = b"busy", 503 if kind == "flaky" else 404
@@ -373,3 +375,23 @@ def test_max_failure_rate_stops_a_mostly_dead_list(ray_local, server, tmp_path):
     # A live failure-rate line per finished shard, and the shards finished before the stop kept.
     assert any("part-00000: 100/100 rows failed to download (100%)" in x for x in lines), lines
     assert list((tmp_path / "run" / "data" / "staged").glob("part-*.json"))
+
+
+def test_a_stalled_shard_is_run_again(ray_local, server, tmp_path):
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/img/{i}" for i in range(8)] + [f"{base}/slow/8"]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    cfg = get_preset("tiny").prepare
+    cfg = dataclasses.replace(
+        cfg,
+        stall_minutes=0.05,  # 3 s without a finished batch
+        download=dataclasses.replace(
+            cfg.download, allowed_networks=("127.0.0.1/32",), timeout=30.0, retries=0
+        ),
+    )
+    lines: list[str] = []
+    server.hits.clear()
+    stats = run_prepare(str(url_list), RunDir.at(tmp_path / "run"), cfg, log=lines.append)
+    assert any("part-00000: no progress for 3 s: run again" in x for x in lines), lines
+    assert stats["samples"] == 9  # the second attempt got every row
+    assert server.hits["/slow/8"] >= 2

@@ -156,20 +156,48 @@ def _failure_line(index: int, marker: dict, totals: list[int]) -> str:
     )
 
 
-def _run_tasks(calls: list, window: int, on_result) -> None:
-    """Keep at most `window` tasks in flight, handing each result over as it finishes."""
+STALL_RETRIES = 2  # a shard stalled this many times more fails the run
+
+
+def _run_tasks(calls: list, window: int, on_result, watchdog=None) -> None:
+    """Keep at most `window` tasks in flight, handing each result over as it finishes.
+
+    `watchdog` (ledger, seconds, log): a task whose shard shows no progress for that long is
+    cancelled (its worker killed) and submitted again, so it may run elsewhere.
+    """
     import ray
 
     pending: dict = {}
+    submitters = dict(calls)
+    stalls: dict = {}
     calls = list(reversed(calls))
     try:
         while calls or pending:
             while calls and len(pending) < window:
                 key, submit = calls.pop()
                 pending[submit()] = key
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5 if watchdog else None)
             for ref in ready:
                 on_result(pending.pop(ref), ray.get(ref))
+            if watchdog is None or not pending:
+                continue
+            ledger, seconds, log = watchdog
+            quiet = set(ray.get(ledger.quiet.remote(list(pending.values()), seconds)))
+            for ref, key in list(pending.items()):
+                if key not in quiet:
+                    continue
+                stalls[key] = stalls.get(key, 0) + 1
+                if stalls[key] > STALL_RETRIES:
+                    raise RuntimeError(
+                        f"{name(key)} made no progress for {seconds:.0f} s, "
+                        f"{stalls[key]} times: giving up"
+                    )
+                if log:
+                    log(f"[prepare] {name(key)}: no progress for {seconds:.0f} s: run again")
+                ray.cancel(ref, force=True)
+                del pending[ref]
+                ledger.forget.remote(key)  # the new attempt's clock starts when it runs
+                pending[submitters[key]()] = key
     except BaseException:
         for ref in pending:  # the run stops: so do the tasks still running for it
             ray.cancel(ref, force=True)
@@ -287,7 +315,9 @@ def _fetch(job: ShardJob, source: Source, chunks: list[int], duplicates: np.ndar
                 "looks mostly dead; stopping (finished shards are kept, a rerun resumes)"
             )
 
-    _run_tasks([call(c) for c in chunks], _window(TASK_CPUS), finished)
+    stall = job.cfg.stall_minutes
+    watchdog = (job.ledger, stall * 60, log) if stall is not None else None
+    _run_tasks([call(c) for c in chunks], _window(TASK_CPUS), finished, watchdog)
 
 
 def _eval_hashes(cfg: PrepareConfig) -> list[str]:

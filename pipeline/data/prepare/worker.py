@@ -134,7 +134,7 @@ def _tokenizer(model: str):
     return load_tokenizer(model)
 
 
-def process(frame: pd.DataFrame, cfg: PrepareConfig, ledger: Any = None):
+def process(frame: pd.DataFrame, cfg: PrepareConfig, ledger: Any = None, beat=None):
     """Download, filter and tokenize `frame`'s live rows, a download batch at a time:
     (samples, rejects, seconds per stage), rows as dicts in input order."""
     from pipeline.data.filters import filter_batch
@@ -149,6 +149,8 @@ def process(frame: pd.DataFrame, cfg: PrepareConfig, ledger: Any = None):
     size = cfg.download.batch_size
     for at in range(0, len(frame), size):
         batch = filter_batch(download(frame.iloc[at : at + size]), filters)
+        if beat is not None:
+            beat()  # progress, for the stall watchdog
         start = time.perf_counter()
         alive = batch["reason"].isna().to_numpy()
         tokens: list = [None] * len(batch)
@@ -197,7 +199,10 @@ def prepare_shard(
     """
     began = time.time()
     frame = input_state(source.read(start, stop), duplicates)
-    samples, rejects, seconds = process(frame, job.cfg, job.ledger)
+    beat = (lambda: job.ledger.beat.remote(index)) if job.ledger is not None else None
+    if beat is not None:
+        beat()  # started: from now on the stall watchdog expects progress
+    samples, rejects, seconds = process(frame, job.cfg, job.ledger, beat)
     rows = stop - start
     lay = job.layout
     if not job.staged:
