@@ -588,11 +588,12 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
         d = decide(run, "prepare", prepare_identity(spec), spec.options.force)
         if not d.run and spec.options.retry_failed:
             d = Decision(True, "--retry-failed: fetch the transient failures again")
-        p = cfg.prepare.download
+        p = cfg.prepare
         return {
             "action": "run" if d.run else "skip",
             "why": d.why,
-            "resources": f"{p.concurrency} download actors x 1 CPU, {p.thread_count} threads each",
+            "resources": f"a task per {p.rows_per_shard}-row shard, 0.5 CPU and "
+            f"{p.download.thread_count} threads each",
         }
     if name in ("train", "sweep"):
         from pipeline.tune.sweep import trial_resources
