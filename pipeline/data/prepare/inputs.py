@@ -324,7 +324,8 @@ def read_rows(ul: UrlList, start: int = 0, stop: int | None = None) -> pd.DataFr
     for c in ul.additional_columns:
         values = gathered(c, kind=ul.extra_types[c])
         # Object dtype: a gap (None) must not turn an integer column into floats.
-        columns[c] = pd.Series(values, dtype=object) if ul.any_malformed else values
+        index = pd.RangeIndex(start, stop)  # a Series is aligned on it, not taken in order
+        columns[c] = pd.Series(values, dtype=object, index=index) if ul.any_malformed else values
     frame = pd.DataFrame(columns, index=pd.RangeIndex(start, stop))
     if any(reasons):
         frame[INPUT_REASON] = pd.Series(reasons, dtype=object, index=frame.index)
