@@ -52,7 +52,9 @@ class DownloadConfig:
     timeout: float = 10.0  # seconds per connect/read; a stalled server cannot hold a thread
     retries: int = 1  # only transient failures (timeouts, 5xx, connection errors) retry
     thread_count: int = 16  # fetches overlapped per actor: downloading is I/O bound
-    concurrency: int = 2  # download actors
+    # Unused since prepare runs one task per input shard on every CPU the cluster has (kept so
+    # configs naming it stay valid).
+    concurrency: int = 2
     batch_size: int = 64  # rows handed to one actor call
     user_agent_token: str | None = "clip-pipeline"
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
