@@ -246,11 +246,14 @@ def run_prepare(
     if set(done) - set(chunks):
         raise RuntimeError(f"{progress.dir} has markers of shards beyond this list's end")
     todo = [c for c in chunks if c not in done]
-    if log and done:
-        log(f"[prepare] resuming: {len(done)} of {len(chunks)} shards already finished")
     dedup = needs_dedup(cfg)
     staged = progress.staged_done() if dedup else {}
     fetch = [c for c in todo if c not in staged]
+    if log and len(fetch) < len(chunks):
+        log(
+            f"[prepare] resuming: {len(done)} of {len(chunks)} shards already finished, "
+            f"{len(todo) - len(fetch)} more already fetched (waiting for the dedup step)"
+        )
     # On the driver's node: it lives as long as the run, whichever worker node goes away.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ledger = ray.remote(num_cpus=0)(CrashLedger).options(scheduling_strategy=here).remote()
