@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -306,6 +307,7 @@ def test_kill_minus_9_on_a_bucket_then_rerun(ray_local, server, bucket, tmp_path
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT)}
+    env["RAY_raylet_start_wait_time_s"] = "300"  # a loaded machine starts Ray slowly
     command = [sys.executable, "-c", BUCKET_JOB, url_list, root]
     staged = storage.join(root, "data", "staged")
     server.hits.clear()
@@ -370,10 +372,13 @@ def test_max_failure_rate_stops_a_mostly_dead_list(ray_local, server, tmp_path):
         download=dataclasses.replace(cfg.download, allowed_networks=("127.0.0.1/32",), retries=0),
     )
     lines: list[str] = []
-    with pytest.raises(TooManyFailures, match=r"failed to download \(100% > --max-failure-rate"):
+    with pytest.raises(
+        TooManyFailures, match=r"failed to download \(\d+% > --max-failure-rate 50%"
+    ):
         run_prepare(str(url_list), RunDir.at(tmp_path / "run"), cfg, log=lines.append)
     # A live failure-rate line per finished shard, and the shards finished before the stop kept.
-    assert any("part-00000: 100/100 rows failed to download (100%)" in x for x in lines), lines
+    dead = re.compile(r"part-0000[012]: 100/100 rows failed to download \(100%\)")
+    assert any(dead.search(x) for x in lines), lines
     assert list((tmp_path / "run" / "data" / "staged").glob("part-*.json"))
 
 
