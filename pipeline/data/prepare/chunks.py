@@ -81,6 +81,13 @@ def _move(src: str, dst: str) -> None:
     fs.mv(inner, storage.filesystem(dst)[1])
 
 
+def forget_listings(path: str) -> None:
+    """Drop this process's cached directory listings (s3fs keeps them): other processes
+    write in the run directory, and a stale listing hides their files from exists()."""
+    fs, _ = storage.filesystem(path)
+    fs.invalidate_cache()
+
+
 def _all_names(folder: str) -> list[str]:
     """Every file in `folder`, hidden ones (temporaries of an interrupted write) included."""
     fs, inner = storage.filesystem(folder)
@@ -242,12 +249,14 @@ class Progress(Layout):
                     storage.remove(path)  # written before a crash, its marker never was: redone
 
     def markers(self) -> list[str]:
+        forget_listings(self.dir)
         return [p for p in storage.list_files(self.dir, ".json") if index_of(p) is not None]
 
     def done(self) -> dict[int, dict[str, Any]]:
         return {index_of(p): storage.read_json(p) for p in self.markers()}
 
     def staged_done(self) -> dict[int, dict[str, Any]]:
+        forget_listings(self.staged)
         return {
             index_of(p): storage.read_json(p)
             for p in storage.list_files(self.staged, ".json")

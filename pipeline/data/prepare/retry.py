@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline import storage
-from pipeline.data.prepare.chunks import name
+from pipeline.data.prepare.chunks import forget_listings, name
 from pipeline.data.prepare.worker import (
     ShardJob,
     Source,
@@ -74,6 +74,7 @@ def _merge(job: ShardJob, index: int, new_samples, new_rejects, seconds, positio
 def retry_shard(job: ShardJob, source: Source, index: int) -> int:
     """Ray task: refetch shard `index`'s transient failures; returns how many rows retried."""
     lay = job.layout
+    forget_listings(lay.root)
     again = [r for r in _read(lay.file(lay.rejects, index)) if _transient(r)]
     if not again:
         return 0
@@ -106,6 +107,7 @@ def retry_shard(job: ShardJob, source: Source, index: int) -> int:
 def merge_shard(job: ShardJob, source: Source, index: int) -> int:
     """Ray task after the dedup step: recovered rows minus their drops join the shard."""
     lay = job.layout
+    forget_listings(lay.root)
     stem = _stem(index)
     staged = storage.join(lay.staged, f"{stem}.json")
     if not storage.exists(staged):
@@ -140,6 +142,7 @@ def retry_failed(job: ShardJob, source: Source, progress: Any, log: Any) -> int:
     _run_tasks(calls, _window(TASK_CPUS), lambda c, n: retried.__setitem__(c, n))
     if needs_dedup(job.cfg):
         lay = job.layout
+        forget_listings(lay.root)
         again = [c for c in done if storage.exists(storage.join(lay.staged, f"{_stem(c)}.json"))]
         if again:
             _dedup_call(

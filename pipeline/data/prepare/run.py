@@ -331,7 +331,9 @@ def _eval_hashes(cfg: PrepareConfig) -> list[str]:
 
 def _dedup_call(job: ShardJob, hash_files: list[str], log) -> None:
     from pipeline.data import dedup
+    from pipeline.data.prepare.chunks import forget_listings
 
+    forget_listings(job.layout.root)  # the hash files were written by the shard tasks
     f = job.cfg.filters
     counts = dedup.find_drops(
         hash_files,

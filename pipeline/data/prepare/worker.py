@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline import schema, storage
 from pipeline.config import PrepareConfig
-from pipeline.data.prepare.chunks import Layout, counts, name, write_rows
+from pipeline.data.prepare.chunks import Layout, counts, forget_listings, name, write_rows
 from pipeline.data.prepare.inputs import INPUT_REASON, UrlList, read_rows
 
 _STATE = ("stage", "reason", "error")
@@ -198,6 +198,7 @@ def prepare_shard(
     and the staged marker; otherwise it is final at once.
     """
     began = time.time()
+    forget_listings(job.layout.root)  # a reused worker process: no stale listing
     frame = input_state(source.read(start, stop), duplicates)
     beat = (lambda: job.ledger.beat.remote(index)) if job.ledger is not None else None
     if beat is not None:
@@ -228,6 +229,7 @@ def finalize_shard(job: ShardJob, index: int) -> dict[str, Any]:
 
     began = time.time()
     lay = job.layout
+    forget_listings(lay.root)  # the staged files were written by other processes
     marker = storage.read_json(lay.staged_marker(index))
     staged = lay.file(lay.staged, index)
     shard_out, rejects_out = lay.file(lay.shards, index), lay.file(lay.rejects, index)
