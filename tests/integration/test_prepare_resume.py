@@ -295,6 +295,7 @@ def bucket_outcome(root: str) -> Counter:
 
 def test_kill_minus_9_on_a_bucket_then_rerun(ray_local, server, bucket, tmp_path, request):
     from pipeline import storage
+    from pipeline.data.prepare.chunks import forget_listings  # s3fs caches listings
 
     base = f"http://127.0.0.1:{server.server_address[1]}"
     urls = [f"{base}/img/{i}" for i in range(NUM_IMAGES)]
@@ -318,7 +319,7 @@ def test_kill_minus_9_on_a_bucket_then_rerun(ray_local, server, bucket, tmp_path
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not storage.list_files(staged, ".json"):
+        while not (forget_listings(staged) or storage.list_files(staged, ".json")):
             assert job.poll() is None, job.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no shard staged in 300 s"
             time.sleep(0.05)
@@ -327,6 +328,7 @@ def test_kill_minus_9_on_a_bucket_then_rerun(ray_local, server, bucket, tmp_path
     finally:
         server.throttle = 0.0
         _kill_session(ray_tmp)
+    forget_listings(staged)
     done_at_kill = [int(storage.name(p)[5:10]) for p in storage.list_files(staged, ".json")]
     assert 1 <= len(done_at_kill) <= 2, done_at_kill
 
@@ -344,6 +346,7 @@ def test_kill_minus_9_on_a_bucket_then_rerun(ray_local, server, bucket, tmp_path
     )
     reference = tmp_path / "reference"
     run_prepare(read_url_list(str(local_list)), RunDir.at(reference), cfg)
+    forget_listings(root)
     assert bucket_outcome(root) == outcome(reference)
     # Nothing of the killed attempt is left beside the shards, and every shard has a marker.
 
