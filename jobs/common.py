@@ -52,6 +52,7 @@ ALIASES = {
     "user-agent-token": "prepare.download.user_agent_token",
     "allowed-networks": "prepare.download.allowed_networks",
     "rows-per-shard": "prepare.rows_per_shard",
+    "max-failure-rate": "prepare.max_failure_rate",
     "url-col": "prepare.url_col",
     "caption-col": "prepare.caption_col",
     "save-additional-columns": "prepare.save_additional_columns",

@@ -52,7 +52,9 @@ class DownloadConfig:
     timeout: float = 10.0  # seconds per connect/read; a stalled server cannot hold a thread
     retries: int = 1  # only transient failures (timeouts, 5xx, connection errors) retry
     thread_count: int = 16  # fetches overlapped per actor: downloading is I/O bound
-    concurrency: int = 2  # download actors
+    # Unused since prepare runs one task per input shard on every CPU the cluster has (kept so
+    # configs naming it stay valid).
+    concurrency: int = 2
     batch_size: int = 64  # rows handed to one actor call
     user_agent_token: str | None = "clip-pipeline"
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
@@ -105,6 +107,12 @@ class PrepareConfig:
     rows_per_shard: int = 2_000
     # Extra URL-list columns carried into shards and rejects, after the DESIGN.md columns.
     save_additional_columns: tuple[str, ...] = ()
+    # Stop the run (error, exit 2) once more than this fraction of the rows fetched so far
+    # (100 at least) failed to download: a mostly dead list. None: never stop.
+    max_failure_rate: float | None = None
+    # A shard task whose worker finishes no download batch for this long is failed and run
+    # again (a hung worker must not hold the run). None: no watchdog.
+    stall_minutes: float | None = 10.0
     download: DownloadConfig = field(default_factory=DownloadConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)

@@ -241,10 +241,9 @@ def demo(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
 
 
 def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
-    from pipeline.data.prepare import format_funnel, read_url_list
+    from pipeline.data.prepare import format_funnel
 
     ident = prepare_identity(spec)
-    p = spec.config.prepare
     entry = run.stage("prepare")
     # A retry reopens a finished stage of this very identity (decide refuses another one).
     retry = (
@@ -259,10 +258,7 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     if not decision.run:
         return storage.read_json(run.stats_path)
     if spec.inputs.url_list is not None:
-        urls = read_url_list(
-            spec.inputs.url_list, p.url_col, p.caption_col, p.save_additional_columns
-        )
-        stats = _run_prepare(spec, run, urls, spec.inputs.url_list, None, decision, log)
+        stats = _run_prepare(spec, run, spec.inputs.url_list, None, decision, log)
     else:
         from pipeline.demo import serve_demo, write_url_list
 
@@ -274,9 +270,8 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
         ):
             log(f"Demo images served at {base_url} while they download")
             path = str(write_url_list(demo_dir, base_url))
-            urls = read_url_list(path, p.url_col, p.caption_col, p.save_additional_columns)
             # The demo's list names a new port each time: its fingerprint is its identity.
-            stats = _run_prepare(spec, run, urls, path, digest(ident), decision, log)
+            stats = _run_prepare(spec, run, path, digest(ident), decision, log)
     log(format_funnel(stats))
     finish(
         run,
@@ -289,21 +284,12 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     return stats
 
 
-def prepare_local_only(run: RunDir) -> None:
-    """Until prepare writes through pipeline.storage (issue 14), it writes local paths only:
-    on a bucket it would make a local folder named `s3:`. Refused before anything starts."""
-    if storage.is_uri(run.root):
-        raise ValueError(
-            f"{run.root}: the prepare stage cannot write to a bucket yet; prepare into a local "
-            "run dir and copy it (its manifest and data/) to the bucket, then run the rest there"
-        )
-
-
-def _run_prepare(spec, run, urls, path, fingerprint, decision, log):
+def _run_prepare(spec, run, path, fingerprint, decision, log):
     from pipeline.data.prepare import run_prepare
+    from pipeline.data.prepare.run import plan
 
-    prepare_local_only(run)
-
+    # The list's files and row counts only: shard tasks read their own rows.
+    urls = plan(path, spec.config.prepare)
     log(f"[prepare] {len(urls)} rows from {path}")
     total = -(-len(urls) // spec.config.prepare.rows_per_shard)
     with shard_ticker(run.progress, total, log):
@@ -723,13 +709,12 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
         d = decide(run, "prepare", prepare_identity(spec), spec.options.force)
         if not d.run and spec.options.retry_failed:
             d = Decision(True, "--retry-failed: fetch the transient failures again")
-        p = cfg.prepare.download
-        if d.run:
-            prepare_local_only(run)
+        p = cfg.prepare
         return {
             "action": "run" if d.run else "skip",
             "why": d.why,
-            "resources": f"{p.concurrency} download actors x 1 CPU, {p.thread_count} threads each",
+            "resources": f"a task per {p.rows_per_shard}-row shard, 0.5 CPU and "
+            f"{p.download.thread_count} threads each",
         }
     if name in ("train", "sweep"):
         from pipeline.tune.sweep import trial_resources

@@ -543,21 +543,18 @@ def validate(spec: RunSpec) -> RunSpec:
     distance = p.filters.near_duplicate_distance
     if distance is not None and not 0 <= distance <= 15:
         raise SpecError(f"--near-duplicate-distance: {distance} is not within 0..15")
+    if p.max_failure_rate is not None and not 0 <= p.max_failure_rate <= 1:
+        raise SpecError(f"--max-failure-rate: {p.max_failure_rate} is not within 0..1")
     if p.rows_per_shard < 1 or p.download.image_size < 1:
         raise SpecError("prepare.rows_per_shard and prepare.download.image_size must be >= 1")
     if "prepare" in stages:
         if inputs.url_list is not None:
-            from pipeline.data.prepare import read_url_list
+            from pipeline.data.prepare.inputs import check_url_list
 
-            urls = read_url_list(
+            # Metadata and first lines only: a list of millions of rows is read by the workers.
+            fingerprint = check_url_list(
                 inputs.url_list, p.url_col, p.caption_col, p.save_additional_columns
             )
-            text = urls.astype(str)
-            import pandas as pd
-
-            fingerprint = hashlib.sha256(
-                pd.util.hash_pandas_object(text, index=False).to_numpy().tobytes()
-            ).hexdigest()[:16]
         else:
             fingerprint = "demo:" + digest(dataclasses.asdict(cfg.demo))
         spec = dataclasses.replace(

@@ -292,11 +292,25 @@ CRASHES_ALLOWED = 2  # actor deaths one batch may cause before its rows are reje
 
 
 class CrashLedger:
-    """Batches begun and not ended, counted across actor restarts (a Ray actor in _stream):
-    a batch begun a third time killed its actor twice."""
+    """Batches begun and not ended, counted across worker restarts (a Ray actor of the run):
+    a batch begun a third time killed its worker twice. It also keeps each shard's last sign
+    of progress, for the driver's stall watchdog."""
 
     def __init__(self):
         self.attempts: dict[str, int] = {}
+        self.beats: dict[int, float] = {}
+
+    def beat(self, shard: int) -> None:
+        self.beats[shard] = time.monotonic()
+
+    def forget(self, shard: int) -> None:
+        self.beats.pop(shard, None)
+
+    def quiet(self, shards: list[int], seconds: float) -> list[int]:
+        """The shards among `shards` that started and showed no progress for `seconds` (one
+        still queued for a CPU has not started)."""
+        now = time.monotonic()
+        return [s for s in shards if s in self.beats and now - self.beats[s] > seconds]
 
     def begin(self, batch_id: str) -> int:
         self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1

@@ -18,7 +18,9 @@ import ipaddress
 import math
 import socket
 import ssl
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -185,6 +187,64 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 _RESOLVER = ThreadPoolExecutor(32, thread_name_prefix="dns")
 
 
+class DnsCache:
+    """Per-process cache of getaddrinfo answers (and of names that do not exist), so a list
+    with thousands of URLs per host asks the resolver once per host, not once per image.
+
+    Only the lookup is cached: every use checks the cached addresses against the policy again
+    (_resolve), so a cached answer can never let a refused address through.
+    """
+
+    def __init__(self, ttl: float = 300.0, size: int = 65_536):
+        self.ttl, self.size = ttl, size
+        self._entries: OrderedDict[tuple[str, int], tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> Any:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] < time.monotonic():
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: tuple[str, int], value: Any) -> None:
+        with self._lock:
+            self._entries[key] = (time.monotonic() + self.ttl, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+DNS_CACHE = DnsCache()
+
+
+def _lookup(host: str, port: int, deadline: float) -> list:
+    """getaddrinfo through the cache; a name that does not exist is cached as its error."""
+    cached = DNS_CACHE.get((host, port))
+    if isinstance(cached, socket.gaierror):
+        raise cached
+    if cached is not None:
+        return cached
+    lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    left = None if deadline == math.inf else _op_timeout(None, deadline)
+    try:
+        infos = lookup.result(timeout=left)
+    except FutureTimeout as err:
+        lookup.cancel()
+        raise TimeoutError(f"DNS lookup of {host} exceeded the request deadline") from err
+    except socket.gaierror as err:
+        if err.errno != socket.EAI_AGAIN:  # a temporary failure is asked again next time
+            DNS_CACHE.put((host, port), err)
+        raise
+    DNS_CACHE.put((host, port), infos)
+    return infos
+
+
 def _resolve(
     host: str, port: int, allowed_networks: tuple[str, ...], deadline: float = math.inf
 ) -> list[tuple[int, Any]]:
@@ -197,13 +257,7 @@ def _resolve(
         if literal:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         else:
-            lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-            left = None if deadline == math.inf else _op_timeout(None, deadline)
-            try:
-                infos = lookup.result(timeout=left)
-            except FutureTimeout as err:
-                lookup.cancel()
-                raise TimeoutError(f"DNS lookup of {host} exceeded the request deadline") from err
+            infos = _lookup(host, port, deadline)
     except socket.gaierror as err:
         raise _Failure("dns_error", err, transient=err.errno == socket.EAI_AGAIN) from err
     except (UnicodeError, ValueError) as err:  # not a valid host name at all

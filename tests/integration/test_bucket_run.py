@@ -74,14 +74,8 @@ def test_tiny_pipeline_end_to_end_in_a_bucket(ray_local, bucket, tmp_path, monke
         )
         assert spec.run_dir == run_uri
         run = RunDir.at(spec.run_dir)
-        # Prepare still writes through local paths until issue 14 moves it onto storage: its
-        # output is made in a local run dir and copied to the bucket, as a prepared run would
-        # be; every later stage reads and writes the bucket only.
-        local_run = RunDir.at(tmp_path / "prepared")
-        pretrain.prepare(dataclasses_replace_run(spec, local_run.root), local_run)
-        storage.upload(local_run.root, run_uri)
         local_before = _files_under(tmp_path)
-        pretrain.prepare(spec, run)  # finished with this identity: skipped, read from the bucket
+        pretrain.prepare(spec, run)  # shard tasks read the list and write shards in the bucket
         pretrain.train(spec, run)
         pretrain.evaluate(spec, run)
         summary = pretrain.summary(spec, run)
@@ -118,12 +112,6 @@ def test_tiny_pipeline_end_to_end_in_a_bucket(ray_local, bucket, tmp_path, monke
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
     exported = load_file(out / "open_clip_model.safetensors")
     assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())
-
-
-def dataclasses_replace_run(spec, run_dir: str):
-    import dataclasses
-
-    return dataclasses.replace(spec, run_dir=run_dir)
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint_in_the_bucket(ray_local, bucket, tmp_path):

@@ -48,7 +48,7 @@ EXPECTED = {
 
 
 def prepare_config(allowed_networks=LOOPBACK, **changes) -> PrepareConfig:
-    # Small batches: several blocks through two download actors, so order really matters.
+    # Small batches and shards: several tasks finishing in any order, so order really matters.
     download = DownloadConfig(allowed_networks=allowed_networks, batch_size=32, thread_count=8)
     return PrepareConfig(**{"rows_per_shard": ROWS_PER_SHARD, "download": download, **changes})
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,7 +61,9 @@ class Handler(BaseHTTPRequestHandler):
             if server.throttle:
                 time.sleep(server.throttle)
         kind, _, number = path.strip("/").partition("/")
-        if kind == "img" or (kind == "flaky" and not first_time):
+        if kind == "slow" and first_time:  # hangs the first time, as a stuck worker would
+            time.sleep(15)
+        if kind in ("img", "slow") or (kind == "flaky" and not first_time):
             body, status = IMAGES[int(number)], 200
         else:  # /flaky/N fails the first time, as an overloaded origin does; the rest 404
             body, status = b"busy", 503 if kind == "flaky" else 404
@@ -143,6 +146,10 @@ def test_kill_minus_9_then_rerun_equals_an_uninterrupted_run(ray_local, server, 
         "local",
     ]
     progress = run_dir / "data" / "progress"
+    # A shard is fetched once its marker is written: the final one, or (dedup on, as in the
+    # tiny preset) the staged one, which waits for the dedup step over all shards' hashes.
+    fetched = lambda: [*progress.glob("part-?????.json"), *staged.glob("part-?????.json")]  # noqa: E731
+    staged = run_dir / "data" / "staged"
     server.hits.clear()
     server.throttle = THROTTLE_S
     job = subprocess.Popen(
@@ -151,7 +158,7 @@ def test_kill_minus_9_then_rerun_equals_an_uninterrupted_run(ray_local, server, 
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not list(progress.glob("part-?????.json")):
+        while not fetched():
             assert job.poll() is None, job.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no shard finished in 300 s"
             time.sleep(0.02)
@@ -161,7 +168,7 @@ def test_kill_minus_9_then_rerun_equals_an_uninterrupted_run(ray_local, server, 
         server.throttle = 0.0
         _kill_session(ray_tmp)
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
-    done_at_kill = sorted(int(p.stem[5:]) for p in progress.glob("part-?????.json"))
+    done_at_kill = sorted({int(p.stem[5:]) for p in fetched()})
     assert len(done_at_kill) in (1, 2), done_at_kill
     assert "prepare" not in RunDir.at(run_dir).manifest()["stages"]
     before = Counter(server.hits)
@@ -244,3 +251,155 @@ def test_retry_failed_refetches_only_transient_failures(ray_local, server, tmp_p
     assert prepare(retry_failed=True)["samples"] == 18
     assert server.hits == Counter()
     assert outcome(run.root) == got
+
+
+# The job of test_kill_minus_9_on_a_bucket: run_prepare with a run directory and a URL list that
+# are s3:// URIs (RunDir's paths as strings: all prepare does with them goes through storage).
+BUCKET_JOB = """
+import dataclasses, sys, ray
+from pipeline import storage
+from pipeline.config import get_preset
+from pipeline.data.prepare import run_prepare
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    root: str
+    @property
+    def shards(self): return storage.join(self.root, "data", "shards")
+    @property
+    def rejects(self): return storage.join(self.root, "data", "rejects")
+    @property
+    def stats_path(self): return storage.join(self.root, "data", "stats.json")
+
+cfg = get_preset("tiny").prepare
+cfg = dataclasses.replace(
+    cfg, download=dataclasses.replace(cfg.download, allowed_networks=("127.0.0.1/32",))
+)
+ray.init(address="local", num_cpus=2, include_dashboard=False)
+stats = run_prepare(sys.argv[1], Run(sys.argv[2]), cfg, log=print)
+print("samples", stats["samples"])
+"""
+
+
+def bucket_outcome(root: str) -> Counter:
+    from pipeline import storage
+
+    out: Counter = Counter()
+    for folder in ("shards", "rejects"):
+        for f in storage.list_files(storage.join(root, "data", folder), ".parquet"):
+            for r in storage.read_parquet(f).to_pylist():
+                fate = ("sample",) if folder == "shards" else (r["stage"], r["reason"])
+                out[(r["key"], r["url"], *fate)] += 1
+    return out
+
+
+def test_kill_minus_9_on_a_bucket_then_rerun(ray_local, server, bucket, tmp_path, request):
+    from pipeline import storage
+    from pipeline.data.prepare.chunks import forget_listings  # s3fs caches listings
+
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/img/{i}" for i in range(NUM_IMAGES)]
+    urls[7] = f"{base}/missing"
+    urls[300] = urls[3]
+    local_list = write_list(tmp_path / "urls.parquet", urls)
+    url_list = f"{bucket}/lists/urls.parquet"
+    storage.upload(local_list, url_list)
+    root = f"{bucket}/run"
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT)}
+    env["RAY_raylet_start_wait_time_s"] = "300"  # a loaded machine starts Ray slowly
+    command = [sys.executable, "-c", BUCKET_JOB, url_list, root]
+    staged = storage.join(root, "data", "staged")
+    server.hits.clear()
+    server.throttle = THROTTLE_S
+    job = subprocess.Popen(
+        command, env=env, cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (forget_listings(staged) or storage.list_files(staged, ".json")):
+            assert job.poll() is None, job.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no shard staged in 300 s"
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    finally:
+        server.throttle = 0.0
+        _kill_session(ray_tmp)
+    forget_listings(staged)
+    done_at_kill = [int(storage.name(p)[5:10]) for p in storage.list_files(staged, ".json")]
+    assert 1 <= len(done_at_kill) <= 2, done_at_kill
+
+    server.hits.clear()
+    rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    _kill_session(ray_tmp)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"samples {NUM_IMAGES - 2}" in rerun.stdout
+    finished = {urls[i] for c in done_at_kill for i in range(c * 150, (c + 1) * 150)}
+    assert not {f"{base}{p}" for p in server.hits} & finished  # staged shards not refetched
+
+    cfg = get_preset("tiny").prepare
+    cfg = dataclasses.replace(
+        cfg, download=dataclasses.replace(cfg.download, allowed_networks=("127.0.0.1/32",))
+    )
+    reference = tmp_path / "reference"
+    run_prepare(read_url_list(str(local_list)), RunDir.at(reference), cfg)
+    forget_listings(root)
+    assert bucket_outcome(root) == outcome(reference)
+    # Nothing of the killed attempt is left beside the shards, and every shard has a marker.
+
+    def names(folder: str) -> list[str]:
+        return [storage.name(p) for p in storage.list_files(storage.join(root, "data", folder))]
+
+    assert names("shards") == file_names(reference, "shards")
+    assert names("rejects") == file_names(reference, "rejects")
+    markers = [n for n in names("progress") if n.startswith("part-")]
+    assert markers == [f"part-{c:05d}.json" for c in range(3)]
+    marker = storage.read_json(storage.join(root, "data", "progress", markers[0]))
+    assert {"node_id", "hostname", "pid", "started", "finished"} <= set(marker)
+
+
+def test_max_failure_rate_stops_a_mostly_dead_list(ray_local, server, tmp_path):
+    from pipeline.data.prepare.run import TooManyFailures
+
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/gone/{i}" for i in range(300)] + [f"{base}/img/{i}" for i in range(10)]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    cfg = get_preset("tiny").prepare
+    cfg = dataclasses.replace(
+        cfg,
+        rows_per_shard=100,
+        max_failure_rate=0.5,
+        download=dataclasses.replace(cfg.download, allowed_networks=("127.0.0.1/32",), retries=0),
+    )
+    lines: list[str] = []
+    with pytest.raises(
+        TooManyFailures, match=r"failed to download \(\d+% > --max-failure-rate 50%"
+    ):
+        run_prepare(str(url_list), RunDir.at(tmp_path / "run"), cfg, log=lines.append)
+    # A live failure-rate line per finished shard, and the shards finished before the stop kept.
+    dead = re.compile(r"part-0000[012]: 100/100 rows failed to download \(100%\)")
+    assert any(dead.search(x) for x in lines), lines
+    assert list((tmp_path / "run" / "data" / "staged").glob("part-*.json"))
+
+
+def test_a_stalled_shard_is_run_again(ray_local, server, tmp_path):
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/img/{i}" for i in range(8)] + [f"{base}/slow/8"]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    cfg = get_preset("tiny").prepare
+    cfg = dataclasses.replace(
+        cfg,
+        stall_minutes=0.05,  # 3 s without a finished batch
+        download=dataclasses.replace(
+            cfg.download, allowed_networks=("127.0.0.1/32",), timeout=30.0, retries=0
+        ),
+    )
+    lines: list[str] = []
+    server.hits.clear()
+    stats = run_prepare(str(url_list), RunDir.at(tmp_path / "run"), cfg, log=lines.append)
+    assert any("part-00000: no progress for 3 s: run again" in x for x in lines), lines
+    assert stats["samples"] == 9  # the second attempt got every row
+    assert server.hits["/slow/8"] >= 2

@@ -108,12 +108,8 @@ def test_a_stale_s3_lease_is_taken_over_once(bucket):
     taker.release()
 
 
-def test_prepare_and_sweeps_in_a_bucket_are_refused_until_they_write_through_storage(
-    bucket, tmp_path
-):
+def test_sweeps_in_a_bucket_are_refused_until_they_write_through_storage(bucket, tmp_path):
     # Not a local folder named "s3:" (the bug of issue 13): one line, nothing written.
-    line = _job(["--run-dir", f"{bucket}/run"], tmp_path)
-    assert line.startswith(f"error: {bucket}/run: the prepare stage cannot write to a bucket yet")
     line = _job(["--run-dir", f"{bucket}/run", "--sweep"], tmp_path)
     assert line.startswith(f"error: {bucket}/run: a sweep cannot run in a bucket yet")
     assert _objects(bucket) == []

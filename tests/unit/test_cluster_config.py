@@ -178,9 +178,8 @@ def test_autoscaler_adds_cpu_nodes_for_data_and_gpu_nodes_for_training(
 ):
     config = _ray_up_config(name)
     # prepare's requests (tests/e2e/test_cluster_multinode.py reads them back from Ray):
-    # download actors 0.5 CPU each, filter + tokenize 0.25.
-    download = get_preset("datacomp-small").prepare.download
-    data = [{"CPU": 0.5}] * download.concurrency + [{"CPU": 0.25}] * 8
+    # a task per input shard 0.5 CPU each, the dedup step's finalizing tasks 0.25.
+    data = [{"CPU": 0.5}] * 8 + [{"CPU": 0.25}] * 8
     assert set(_nodes_launched_for(config, data)) == {CPU_TYPE}
 
     assert all(r["GPU"] == 1 for r in datacomp_worker_requests), datacomp_worker_requests

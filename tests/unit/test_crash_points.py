@@ -83,7 +83,9 @@ def drive(root: str, retry: bool) -> None:
     if not retry:
         return
     for c in sorted(progress.done()):
-        files = [folder / f"part-{c:05d}.parquet" for folder in (progress.shards, progress.rejects)]
+        files = [
+            Path(folder) / f"part-{c:05d}.parquet" for folder in (progress.shards, progress.rejects)
+        ]
         samples, rejects = (pq.read_table(f).to_pylist() if f.exists() else [] for f in files)
         again = [r for r in rejects if r["reason"] in ("http_503", "timeout")]
         if again:

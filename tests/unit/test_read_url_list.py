@@ -256,3 +256,35 @@ def test_caption_that_is_not_utf8_is_flagged_not_fatal(tmp_path):
     assert frame["caption"].tolist() == ["caf\ufffd latin-1", "caf\u00e9 utf-8"]
     flags = frame[INPUT_REASON].tolist()
     assert flags[0][0] == "caption_not_utf8" and flags[1] is None
+
+
+def test_any_slice_of_a_planned_list_equals_that_slice_of_the_whole(tmp_path):
+    """Shard tasks read their own rows: every slice, across files and malformed lines, is the
+    same rows (values, flags, positions) as reading the whole list and slicing it."""
+    from pipeline.data.prepare.inputs import INPUT_REASON, plan_url_list, read_rows
+
+    folder = tmp_path / "list"
+    folder.mkdir()
+    lines = [b"url,caption,n"]
+    for i in range(23):
+        lines.append(f"http://example.com/{i}.jpg,a caption {i},{i}".encode())
+    lines[5] = b'http://example.com/bad.jpg,"an open quote,5'  # malformed: a row of its own
+    lines[9] = b"http://example.com/\xff.jpg,not utf-8 url,9"
+    (folder / "a.csv").write_bytes(b"\n".join(lines) + b"\n")
+    pq.write_table(
+        pa.table({"url": [f"http://x.org/{i}" for i in range(17)], "caption": ["c d"] * 17,
+                  "n": list(range(17))}),
+        folder / "b.parquet", row_group_size=4,
+    )  # fmt: skip
+    plan = plan_url_list(str(folder), additional_columns=["n"])
+    whole = read_url_list(str(folder), additional_columns=["n"])
+    assert len(plan) == len(whole) == 23 + 17
+    assert whole[INPUT_REASON].notna().sum() == 2
+    for start, stop in [(0, 40), (0, 7), (3, 11), (20, 27), (22, 23), (25, 31), (39, 40)]:
+        part = read_rows(plan, start, stop)
+        assert list(part.index) == list(range(start, stop))
+        expected = whole.iloc[start:stop]
+        for column in ("url", "caption", "n"):
+            assert part[column].tolist() == expected[column].tolist(), (start, stop, column)
+        flags = part[INPUT_REASON].tolist() if INPUT_REASON in part else [None] * len(part)
+        assert flags == expected[INPUT_REASON].tolist(), (start, stop)

@@ -2,28 +2,31 @@
 marker exists.
 
 Shard N holds the survivors of input rows [N*k, (N+1)*k), its rejects the rest of them.
-Files are written under temporary names and renamed; the marker
-`data/progress/part-NNNNN.json` is written last, so a shard or rejects file without a marker
-is the leftover of an interrupted attempt and is deleted, never taken for finished. A retry
-that rewrites a finished shard first writes both new files, then a journal naming them, then
-renames: a crash at any point rolls forward or leaves the old pair.
+Each file is committed whole (pipeline.storage: a local temporary name renamed, or one object
+upload) and the marker `data/progress/part-NNNNN.json` is written last, so a shard or rejects
+file without a marker is the leftover of an interrupted attempt and is deleted, never taken
+for finished. The worker that processed a shard writes all three itself (Layout.commit runs in
+a Ray task); the driver only reads markers. A retry that rewrites a finished shard first writes
+both new files, then a journal naming them, then moves them: a crash at any point rolls
+forward or leaves the old pair.
+
+Every path here is a `str` (a local path or a URI): the same code runs on a bucket.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.faults import commit_point
-from pipeline.rundir import RunDir, StageConfigMismatch, write_json_atomic
+from pipeline.rundir import StageConfigMismatch
 from pipeline.train.ingest import CHUNK_ROWS
 
 
@@ -31,7 +34,15 @@ def name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def _counts(samples: list[dict], rejects: list[dict], rows: int, seconds: dict) -> dict:
+def index_of(path: str) -> int | None:
+    """N of a `part-NNNNN.<ext>` path, None for any other name."""
+    stem = storage.name(path).split(".")[0]
+    if len(stem) == 10 and stem.startswith("part-") and stem[5:].isdigit():
+        return int(stem[5:])
+    return None
+
+
+def counts(samples: list[dict], rejects: list[dict], rows: int, seconds: dict) -> dict:
     """A shard's marker: what its rows became, counted from the rows themselves."""
     drops: dict[str, Counter[str]] = {}
     domains: dict[str, Counter[str]] = {}
@@ -52,120 +63,206 @@ def _counts(samples: list[dict], rejects: list[dict], rows: int, seconds: dict) 
         "drops": {s: dict(c) for s, c in drops.items()},
         "domains": {d: dict(c) for d, c in domains.items()},
         "seconds": {s: round(v, 4) for s, v in seconds.items()},
-        # Seeds the duplicate checks when a later run resumes after this shard.
-        "hashes": [[s["sha256"], s.get("phash")] for s in samples],
     }
 
 
-class Progress:
-    """The data/ folder of a run: shards, rejects and one marker per finished shard."""
+def table_of(rows: list[dict], sch: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([{c: r.get(c) for c in sch.names} for r in rows], schema=sch)
 
-    def __init__(self, run: RunDir, fingerprint: str, fresh: bool = False):
-        self.shards, self.rejects = Path(run.shards), Path(run.rejects)
-        self.dir = Path(run.progress)
-        stamp = self.dir / "fingerprint"
-        if fresh:
-            for d in (self.shards, self.rejects, self.dir):
-                shutil.rmtree(d, ignore_errors=True)
-        if stamp.exists() and stamp.read_text() != fingerprint:
-            raise StageConfigMismatch(
-                f"{run.data} holds an unfinished prepare run of another URL list or "
-                "configuration; rerun with --force to discard it, or choose another --run-dir"
-            )
-        if not stamp.exists():
-            # Nothing of ours to resume: outputs of an older layout or a discarded run go.
-            for d in (self.shards, self.rejects, self.dir):
-                shutil.rmtree(d, ignore_errors=True)
-            self.dir.mkdir(parents=True)
-            tmp = self.dir / ".fingerprint.tmp"
-            tmp.write_text(fingerprint)
-            os.replace(tmp, stamp)
-        self.shards.mkdir(parents=True, exist_ok=True)
-        self.rejects.mkdir(parents=True, exist_ok=True)
-        self._recover()
 
-    def _marker(self, index: int) -> Path:
-        return self.dir / f"{name(index)}.json"
+def write_rows(path: str, rows: list[dict], sch: pa.Schema) -> None:
+    # Row groups of ingest's chunk size: training reads a chunk without its neighbours.
+    storage.write_parquet(table_of(rows, sch), path, row_group_size=CHUNK_ROWS)
 
-    def _recover(self) -> None:
-        for journal in sorted(self.dir.glob("part-*.retry.json")):
-            plan = json.loads(journal.read_text())
-            # Every step may have been done already by a recovery that crashed after it:
-            # each one checks, so a crash between any two of them rolls forward again.
-            for tmp, final in plan["renames"]:
-                if Path(tmp).exists():
-                    os.replace(tmp, final)
-                    commit_point("retry.rename")
-            for final in plan["deletes"]:
-                if Path(final).exists():
-                    Path(final).unlink()
-                    commit_point("retry.delete")
-            index = int(journal.name.split(".")[0].split("-")[1])
-            new_marker = journal.with_name(f".{journal.name}.marker")
-            if new_marker.exists():  # else moved before a crash: the marker is the new one
-                os.replace(new_marker, self._marker(index))
-                commit_point("retry.marker")
-            journal.unlink()
-            commit_point("retry.done")
-        done = {p.stem for p in self.dir.glob("part-?????.json")}
-        for folder in (self.shards, self.rejects, self.dir):
-            for p in folder.iterdir():
-                if p.name.startswith("."):  # temporary files of an interrupted write
-                    p.unlink()
-                elif folder is not self.dir and p.stem not in done:
-                    p.unlink()  # written before a crash, its marker never was: redone
 
-    def done(self) -> dict[int, dict[str, Any]]:
-        return {
-            int(p.stem.split("-")[1]): json.loads(p.read_text())
-            for p in sorted(self.dir.glob("part-?????.json"))
-        }
+def _move(src: str, dst: str) -> None:
+    """A rename on a disk; a copy and a delete on an object store (the journal covers both)."""
+    fs, inner = storage.filesystem(src)
+    fs.mv(inner, storage.filesystem(dst)[1])
 
-    def _write(self, folder: Path, index: int, rows: list[dict], sch: pa.Schema, tag: str):
-        """Writes rows to a temporary file; returns (tmp, final) or None for no rows."""
-        final = folder / f"{name(index)}.parquet"
-        if not rows:
-            return None
-        tmp = folder / f".{final.name}.{tag}"
-        table = pa.Table.from_pylist([{c: r.get(c) for c in sch.names} for r in rows], schema=sch)
-        # Row groups of ingest's chunk size: training reads a chunk without its neighbours.
-        pq.write_table(table, tmp, row_group_size=CHUNK_ROWS)
-        return str(tmp), str(final)
 
-    def commit(self, index, samples, rejects, rows, seconds, sample_schema, reject_schema):
-        """A first pass over the shard's rows: files, then the marker."""
-        marker = _counts(samples, rejects, rows, seconds)
+def forget_listings(path: str) -> None:
+    """Drop this process's cached directory listings (s3fs keeps them): other processes
+    write in the run directory, and a stale listing hides their files from exists()."""
+    fs, _ = storage.filesystem(path)
+    fs.invalidate_cache()
+
+
+def _all_names(folder: str) -> list[str]:
+    """Every file in `folder`, hidden ones (temporaries of an interrupted write) included."""
+    fs, inner = storage.filesystem(folder)
+    try:
+        return [storage.name(e) for e in fs.ls(inner, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The data/ folder of a run as plain strings: shipped to the tasks that write in it."""
+
+    root: str
+    shards: str
+    rejects: str
+
+    @classmethod
+    def of(cls, run: Any) -> Layout:
+        return cls(os.fspath(run.root), os.fspath(run.shards), os.fspath(run.rejects))
+
+    def _at(self, *parts: str) -> str:
+        return storage.join(self.root, "data", *parts)
+
+    @property
+    def dir(self) -> str:  # markers
+        return self._at("progress")
+
+    @property
+    def staged(self) -> str:  # shards waiting for the dedup step
+        return self._at("staged")
+
+    @property
+    def staged_rejects(self) -> str:
+        return self._at("staged", "rejects")
+
+    @property
+    def hashes(self) -> str:
+        return self._at("hashes")
+
+    @property
+    def drops(self) -> str:
+        return self._at("drops")
+
+    def file(self, folder: str, index: int, ext: str = "parquet") -> str:
+        return storage.join(folder, f"{name(index)}.{ext}")
+
+    def marker(self, index: int) -> str:
+        return self.file(self.dir, index, "json")
+
+    def staged_marker(self, index: int) -> str:
+        return self.file(self.staged, index, "json")
+
+    def commit(self, index, samples, rejects, rows, seconds, sample_schema, reject_schema, **info):
+        """A first pass over the shard's rows: files, then the marker (with `info`)."""
+        marker = {**counts(samples, rejects, rows, seconds), **info}
         for folder, rows_, sch, point in (
             (self.shards, samples, sample_schema, "prepare.shard"),
             (self.rejects, rejects, reject_schema, "prepare.rejects"),
         ):
-            pair = self._write(folder, index, rows_, sch, "tmp")
-            if pair:
-                os.replace(*pair)
+            if rows_:
+                write_rows(self.file(folder, index), rows_, sch)
                 commit_point(point)
-        write_json_atomic(self._marker(index), marker)
+        storage.write_json(self.marker(index), marker)
         commit_point("prepare.marker")
         return marker
 
-    def rewrite(self, index, samples, rejects, rows, seconds, sample_schema, reject_schema):
+    def rewrite(self, index, samples, rejects, rows, seconds, sample_schema, reject_schema, **info):
         """Replaces a finished shard's pair of files (a retry), atomically as a pair."""
-        marker = _counts(samples, rejects, rows, seconds)
+        marker = {**counts(samples, rejects, rows, seconds), **info}
         renames, deletes = [], []
         for folder, rows_, sch in (
             (self.shards, samples, sample_schema),
             (self.rejects, rejects, reject_schema),
         ):
-            pair = self._write(folder, index, rows_, sch, "retry")
-            if pair:
-                renames.append(pair)
+            final = self.file(folder, index)
+            if rows_:
+                tmp = storage.join(folder, f".{name(index)}.parquet.retry")
+                write_rows(tmp, rows_, sch)
+                renames.append([tmp, final])
             else:  # no rows left there: the old file goes
-                deletes.append(str(folder / f"{name(index)}.parquet"))
+                deletes.append(final)
         commit_point("retry.files")
-        journal = self.dir / f"{name(index)}.retry.json"
-        write_json_atomic(journal.with_name(f".{journal.name}.marker"), marker)
+        journal = storage.join(self.dir, f"{name(index)}.retry.json")
+        storage.write_json(storage.join(self.dir, f".{name(index)}.retry.json.marker"), marker)
         commit_point("retry.journal_marker")
-        # The commit point: from here on, a crash is rolled forward by _recover().
-        write_json_atomic(journal, {"renames": renames, "deletes": deletes})
+        # The commit point: from here on, a crash is rolled forward by roll_forward().
+        storage.write_json(journal, {"renames": renames, "deletes": deletes})
         commit_point("retry.journal")
-        self._recover()
+        self.roll_forward(journal)
         return marker
+
+    def roll_forward(self, journal: str) -> None:
+        """Finish a retry's rewrite; every step checks, so a crash between any two of them
+        rolls forward again."""
+        plan = storage.read_json(journal)
+        for tmp, final in plan["renames"]:
+            if storage.exists(tmp):
+                _move(tmp, final)
+                commit_point("retry.rename")
+        for final in plan["deletes"]:
+            if storage.exists(final):
+                storage.remove(final)
+                commit_point("retry.delete")
+        index = index_of(journal)
+        new_marker = storage.join(self.dir, f".{storage.name(journal)}.marker")
+        if storage.exists(new_marker):  # else moved before a crash: the marker is the new one
+            _move(new_marker, self.marker(index))
+            commit_point("retry.marker")
+        storage.remove(journal)
+        commit_point("retry.done")
+
+
+class Progress(Layout):
+    """The driver's view of data/: the fingerprint stamp, recovery, the finished markers."""
+
+    def __init__(self, run: Any, fingerprint: str, fresh: bool = False):
+        layout = Layout.of(run)
+        super().__init__(layout.root, layout.shards, layout.rejects)
+        self.folders = (self.shards, self.rejects, self.dir, self.staged, self.hashes, self.drops)
+        stamp = storage.join(self.dir, "fingerprint")
+        if fresh:
+            for d in self.folders:
+                storage.remove(d, recursive=True)
+        if storage.exists(stamp) and storage.read_text(stamp) != fingerprint:
+            raise StageConfigMismatch(
+                f"{storage.join(self.root, 'data')} holds an unfinished prepare run of another "
+                "URL list or configuration; rerun with --force to discard it, or choose another "
+                "--run-dir"
+            )
+        if not storage.exists(stamp):
+            # Nothing of ours to resume: outputs of an older layout or a discarded run go.
+            for d in self.folders:
+                storage.remove(d, recursive=True)
+            storage.write_text(stamp, fingerprint)
+        for d in self.folders:
+            storage.makedirs(d)
+        self._recover()
+
+    def _recover(self) -> None:
+        for journal in storage.list_files(self.dir, ".retry.json"):
+            self.roll_forward(journal)
+        done = {storage.name(p).split(".")[0] for p in self.markers()}
+        staged = {storage.name(p).split(".")[0] for p in storage.list_files(self.staged, ".json")}
+        for folder, kept in (
+            (self.shards, done),
+            (self.rejects, done),
+            (self.dir, None),
+            # Staged files count once their staged marker exists (the dedup step reads them).
+            (self.staged, staged),
+            (self.staged_rejects, staged),
+            (self.hashes, staged | done),
+        ):
+            for base in _all_names(folder):
+                path = storage.join(folder, base)
+                if base.startswith("."):  # temporary files of an interrupted write
+                    storage.remove(path)
+                elif kept is not None and base.split(".")[0] not in kept and "." in base:
+                    storage.remove(path)  # written before a crash, its marker never was: redone
+
+    def markers(self) -> list[str]:
+        forget_listings(self.dir)
+        return [p for p in storage.list_files(self.dir, ".json") if index_of(p) is not None]
+
+    def done(self) -> dict[int, dict[str, Any]]:
+        return {index_of(p): storage.read_json(p) for p in self.markers()}
+
+    def staged_done(self) -> dict[int, dict[str, Any]]:
+        forget_listings(self.staged)
+        return {
+            index_of(p): storage.read_json(p)
+            for p in storage.list_files(self.staged, ".json")
+            if index_of(p) is not None
+        }
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.data.untrusted import plot_label, printable
 
 STAGES = ("input", "download", "filter", "tokenize")
@@ -82,7 +83,7 @@ def format_funnel(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_funnel(stats: dict[str, Any], path: Path) -> None:
+def plot_funnel(stats: dict[str, Any], path: str | os.PathLike) -> None:
     """funnel.png: rows out per stage, drops by reason, top failing domains."""
     import matplotlib
 
@@ -117,7 +118,7 @@ def plot_funnel(stats: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"{stats['samples']} samples; {stats['images_per_second']} rows/s this run", fontsize=11
     )
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=80)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
+    storage.write_bytes(path, buf.getvalue())  # whole: a reader never sees half a chart

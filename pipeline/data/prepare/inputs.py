@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
+import json
 import math
 import os
+from dataclasses import dataclass
 
 import fsspec
 import pandas as pd
@@ -158,18 +161,77 @@ def _with_gaps(values: list, gaps: list[int]) -> list:
     return out
 
 
-def read_url_list(
+@dataclass(frozen=True)
+class UrlList:
+    """A URL list as planned, never loaded: its files, their row counts and column types.
+
+    Shard tasks read their own rows with `read_rows`; the driver holds only this.
+    """
+
+    path: str
+    fs: fsspec.AbstractFileSystem
+    files: tuple[str, ...]
+    rows: tuple[int, ...]  # per file, malformed lines included (each is a rejected row)
+    url_col: str
+    caption_col: str
+    additional_columns: tuple[str, ...]
+    extra_types: dict[str, pa.DataType]
+    any_malformed: bool
+
+    def __len__(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def wanted(self) -> list[str]:
+        return [self.url_col, self.caption_col, *self.additional_columns]
+
+
+def _check_columns(file: str, names: list[str], wanted: list[str]) -> None:
+    missing = [c for c in dict.fromkeys(wanted) if c not in names]
+    if missing:
+        found = ", ".join(printable(c) for c in names) or "none"
+        raise ValueError(
+            f"URL list {file!r} has no column {' or '.join(map(repr, missing))}; "
+            f"columns found: {found} "
+            "(choose them with --url-col / --caption-col / --save-additional-columns)"
+        )
+
+
+def file_info(
+    fs: fsspec.AbstractFileSystem, file: str, url_col: str, caption_col: str, extras: list[str]
+) -> tuple[int, dict[str, pa.DataType], bool, list[str]]:
+    """(rows, extra column types, has malformed rows, column names) of one list file.
+
+    Parquet: from its footer. The text formats must be parsed to be counted: a shard task or
+    a planning task does that, not the driver (see plan_url_list's `map_files`).
+    """
+    wanted = [url_col, caption_col, *extras]
+    if READERS[os.path.splitext(file)[1].lower()] == "parquet":
+        try:
+            with fs.open(file, "rb") as f:
+                meta = pq.ParquetFile(f)
+                sch, rows = meta.schema_arrow, meta.metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ValueError(
+                f"cannot read URL list {file!r} as parquet: {printable(err, 300)}"
+            ) from err
+        _check_columns(file, sch.names, wanted)
+        return rows, {c: sch.field(c).type for c in extras}, False, sch.names
+    table, bad = _read_one(fs, file, [url_col, caption_col])
+    _check_columns(file, table.column_names, wanted)
+    types = {c: table[c].type for c in extras}
+    return table.num_rows + len(bad), types, bool(bad), table.column_names
+
+
+def plan_url_list(
     path: str,
     url_col: str = "url",
     caption_col: str = "caption",
     additional_columns: tuple[str, ...] | list[str] = (),
-) -> pd.DataFrame:
-    """The URL list as a DataFrame, in file then row order.
-
-    Columns: `url`, `caption`, the `additional_columns` under their own names, and
-    INPUT_REASON when some row's text is not UTF-8. ``frame.attrs["additional_types"]``
-    holds the extra columns' Arrow types.
-    """
+    map_files=None,
+) -> UrlList:
+    """The list's files and row counts. `map_files(fn, args_list)` may run `file_info` for
+    each file elsewhere (Ray tasks); by default it runs here."""
     clash = sorted(set(additional_columns) & (set(schema.SAMPLE.names) | set(schema.REJECT.names)))
     if clash:
         raise ValueError(
@@ -177,55 +239,190 @@ def read_url_list(
             "of that name; rename them in the URL list"
         )
     fs, files = _list_inputs(path)
-    wanted = [url_col, caption_col, *additional_columns]
-    tables, malformed = [], []
-    for file in files:
-        table, bad = _read_one(fs, file, [url_col, caption_col])
-        missing = [c for c in dict.fromkeys(wanted) if c not in table.column_names]
-        if missing:
-            names = ", ".join(printable(c) for c in table.column_names) or "none"
-            raise ValueError(
-                f"URL list {file!r} has no column {' or '.join(map(repr, missing))}; "
-                f"columns found: {names} "
-                "(choose them with --url-col / --caption-col / --save-additional-columns)"
-            )
-        tables.append(table.select(wanted))
-        malformed.append(bad)
-    sizes = [t.num_rows + len(bad) for t, bad in zip(tables, malformed, strict=True)]
-    n = sum(sizes)
-    if n == 0:
+    args = [(fs, f, url_col, caption_col, list(additional_columns)) for f in files]
+    infos = map_files(file_info, args) if map_files else [file_info(*a) for a in args]
+    if sum(rows for rows, *_ in infos) == 0:
         raise ValueError(
             f"URL list {path!r} is empty: no rows to download "
-            f"(columns found: {', '.join(printable(c) for c in tables[0].column_names)})"
+            f"(columns found: {', '.join(printable(c) for c in infos[0][3])})"
         )
+    extra_types = {}
+    for c in additional_columns:
+        # One type across files: the first file's, the others cast to it (or text if they differ).
+        types = {types[c] for _, types, _, _ in infos}
+        extra_types[c] = types.pop() if len(types) == 1 else pa.string()
+    return UrlList(
+        path=path,
+        fs=fs,
+        files=tuple(files),
+        rows=tuple(rows for rows, *_ in infos),
+        url_col=url_col,
+        caption_col=caption_col,
+        additional_columns=tuple(additional_columns),
+        extra_types=extra_types,
+        any_malformed=any(m for _, _, m, _ in infos),
+    )
+
+
+def _read_range(ul: UrlList, file: str, lo: int, hi: int) -> tuple[pa.Table, list]:
+    """Rows [lo, hi) of one file as a table, and the malformed ones (position - lo, detail).
+
+    Parquet reads only the row groups that hold the range; the text formats are parsed whole.
+    """
+    if READERS[os.path.splitext(file)[1].lower()] == "parquet":
+        with ul.fs.open(file, "rb") as f:
+            meta = pq.ParquetFile(f)
+            groups, first, offset = [], None, 0
+            for g in range(meta.num_row_groups):
+                n = meta.metadata.row_group(g).num_rows
+                if offset + n > lo and offset < hi:
+                    groups.append(g)
+                    first = offset if first is None else first
+                offset += n
+            if not groups:
+                return meta.schema_arrow.empty_table().select(ul.wanted), []
+            table = meta.read_row_groups(groups, columns=list(dict.fromkeys(ul.wanted)))
+        return table.select(ul.wanted).slice(lo - first, hi - lo), []
+    table, bad = _read_one(ul.fs, file, [ul.url_col, ul.caption_col])
+    table = table.select(ul.wanted)
+    # Positions among the file's rows: a malformed line holds its place as a row of its own.
+    start = lo - sum(1 for p, _ in bad if p < lo)
+    stop = hi - sum(1 for p, _ in bad if p < hi)
+    return table.slice(start, stop - start), [(p - lo, d) for p, d in bad if lo <= p < hi]
+
+
+def read_rows(ul: UrlList, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+    """Rows [start, stop) of the list (input positions, over all its files) as a DataFrame
+    indexed by position: columns `url`, `caption`, the additional columns, and INPUT_REASON
+    when some row's text is not UTF-8 or its line is malformed."""
+    stop = len(ul) if stop is None else min(stop, len(ul))
+    parts, offset = [], 0
+    for file, rows in zip(ul.files, ul.rows, strict=True):
+        lo, hi = max(start, offset) - offset, min(stop, offset + rows) - offset
+        if lo < hi:
+            parts.append(_read_range(ul, file, lo, hi))
+        offset += rows
+    n = stop - start
     reasons: list = [None] * n
-    offset = 0
-    for size, bad in zip(sizes, malformed, strict=True):
+    at = 0
+    for table, bad in parts:
         for position, detail in bad:
-            reasons[offset + position] = (MALFORMED, detail)
-        offset += size
+            reasons[at + position] = (MALFORMED, detail)
+        at += table.num_rows + len(bad)
 
     def gathered(column: str, text: bool = False, kind: pa.DataType | None = None) -> list:
         values = []
-        for t, bad in zip(tables, malformed, strict=True):
+        for t, bad in parts:
             col = t[column] if kind is None else t[column].cast(kind, safe=False)
             got = _text_values(col) if text else col.to_pylist()
             values += _with_gaps(got, [position for position, _ in bad])
         return values
 
     columns: dict[str, list] = {}
-    for name, column in (("url", url_col), ("caption", caption_col)):
-        columns[name] = _as_text(gathered(column, text=True), name, reasons)
-    extra_types = {}
-    for c in additional_columns:
-        # One type across files: the first file's, the others cast to it (or text if they differ).
-        types = {t[c].type for t in tables}
-        extra_types[c] = types.pop() if len(types) == 1 else pa.string()
-        values = gathered(c, kind=extra_types[c])
+    for key, column in (("url", ul.url_col), ("caption", ul.caption_col)):
+        columns[key] = _as_text(gathered(column, text=True), key, reasons)
+    for c in ul.additional_columns:
+        values = gathered(c, kind=ul.extra_types[c])
         # Object dtype: a gap (None) must not turn an integer column into floats.
-        columns[c] = pd.Series(values, dtype=object) if any(malformed) else values
-    frame = pd.DataFrame(columns)
+        index = pd.RangeIndex(start, stop)  # a Series is aligned on it, not taken in order
+        columns[c] = pd.Series(values, dtype=object, index=index) if ul.any_malformed else values
+    frame = pd.DataFrame(columns, index=pd.RangeIndex(start, stop))
     if any(reasons):
-        frame[INPUT_REASON] = pd.Series(reasons, dtype=object)
-    frame.attrs["additional_types"] = extra_types
+        frame[INPUT_REASON] = pd.Series(reasons, dtype=object, index=frame.index)
+    frame.attrs["additional_types"] = dict(ul.extra_types)
     return frame
+
+
+def read_url_list(
+    path: str,
+    url_col: str = "url",
+    caption_col: str = "caption",
+    additional_columns: tuple[str, ...] | list[str] = (),
+) -> pd.DataFrame:
+    """The whole URL list as a DataFrame, in file then row order (small lists, tests, tools:
+    prepare itself plans the list and lets each shard task read its own rows).
+
+    Columns: `url`, `caption`, the `additional_columns` under their own names, and
+    INPUT_REASON when some row's text is not UTF-8. ``frame.attrs["additional_types"]``
+    holds the extra columns' Arrow types.
+    """
+    frame = read_rows(plan_url_list(path, url_col, caption_col, additional_columns))
+    frame.index = pd.RangeIndex(len(frame))
+    return frame
+
+
+_PEEK_BYTES = 1 << 20
+
+
+def _peek_columns(fs: fsspec.AbstractFileSystem, file: str) -> tuple[list[str], bool]:
+    """(column names, has a row) of a text list file from its first megabyte only."""
+    kind = READERS[os.path.splitext(file)[1].lower()]
+    with fs.open(file, "rb") as f:
+        head = f.read(_PEEK_BYTES)
+        more = bool(f.read(1))
+    if more:  # the last line may be cut: keep whole lines only
+        head = head[: head.rfind(b"\n") + 1] or head
+    try:
+        if kind == "json":
+            lines = [line for line in head.splitlines() if line.strip()]
+            table = pa_json.read_json(io.BytesIO(b"\n".join(lines[:100]) + b"\n"))
+            return table.column_names, bool(lines) or more
+        data, bad = _split_records(head, "\t" if kind == "tsv" else ",", kind == "csv")
+        quote = {"quote_char": False} if kind == "tsv" else {}
+        table = pa_csv.read_csv(
+            io.BytesIO(data),
+            parse_options=pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", **quote),
+            convert_options=pa_csv.ConvertOptions(strings_can_be_null=True),
+        )
+        return table.column_names, table.num_rows + len(bad) > 0 or more
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"cannot read URL list {file!r} as {kind}: {printable(err, 300)}") from err
+
+
+def _content_id(fs: fsspec.AbstractFileSystem, file: str) -> list:
+    """A file's identity without reading it whole: its size, and an object store's ETag (the
+    content's MD5 for a single upload) or else a hash of its first and last MiB (which holds a
+    Parquet file's footer: row counts and column statistics). A copy under another name is the
+    same input; a rewrite that keeps the size and both ends is not seen (rerun with --force)."""
+    info = fs.info(file)
+    size = info.get("size")
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return [size, str(etag)]
+    digest = hashlib.sha256()
+    with fs.open(file, "rb") as f:
+        digest.update(f.read(_PEEK_BYTES))
+        if size and size > 2 * _PEEK_BYTES:
+            f.seek(size - _PEEK_BYTES)
+        digest.update(f.read(_PEEK_BYTES))
+    return [size, digest.hexdigest()]
+
+
+def check_url_list(
+    path: str,
+    url_col: str = "url",
+    caption_col: str = "caption",
+    additional_columns: tuple[str, ...] | list[str] = (),
+) -> str:
+    """The checks worth making before Ray starts, from metadata and each file's first lines
+    (never the whole list): it exists, its format, its columns, not empty. Returns the list's
+    fingerprint, from each file's size and ETag or first and last MiB (_content_id)."""
+    fs, files = _list_inputs(path)
+    wanted = [url_col, caption_col, *additional_columns]
+    rows, names, identity = 0, [], []
+    for file in files:
+        identity.append(_content_id(fs, file))
+        if READERS[os.path.splitext(file)[1].lower()] == "parquet":
+            n, _, _, cols = file_info(fs, file, url_col, caption_col, list(additional_columns))
+        else:
+            cols, has_rows = _peek_columns(fs, file)
+            _check_columns(file, cols, wanted)
+            n = int(has_rows)
+        rows += n
+        names = names or cols
+    if rows == 0:
+        raise ValueError(
+            f"URL list {path!r} is empty: no rows to download "
+            f"(columns found: {', '.join(printable(c) for c in names)})"
+        )
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]

@@ -1,35 +1,49 @@
 """Prepare: URL list → download → filter → tokenize → Parquet shards, rejects and stats.
 
-Download, filter and tokenize run as a streaming Ray Data pipeline. The driver consumes
-its output in input order and is the one place every row passes, so it owns the stateful
-checks (duplicate URLs before download; decontamination, duplicate and near-duplicate
-images after) and writes the shards: first occurrence wins, deterministically, and a
-resumed run rebuilds the checks' state from the finished shards' markers.
+The unit of work is an input shard (rows [N*k, (N+1)*k) of the list). One Ray task per shard
+reads its rows itself, downloads, resizes, filters, tokenizes and writes its samples, rejects
+and marker (pipeline.data.prepare.worker); a slow shard delays only itself. The driver plans
+(file metadata and row counts), runs the distributed duplicate-URL check, schedules the tasks,
+and reads back only their markers. Duplicate and near-duplicate images and decontamination
+are a step of their own over hashes (pipeline.data.dedup): shards are staged with a hash file,
+the step finds the rows to drop, and a task per shard finalizes it. First occurrence (lowest
+input position) wins, deterministically, whatever the timing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import math
 import time
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline import schema
+from pipeline import schema, storage
 from pipeline.config import PrepareConfig, config_hash
-from pipeline.data.filters import Deduplicator, NearDuplicateIndex, hash_image_folder
-from pipeline.data.prepare.chunks import Progress
+from pipeline.data.prepare.chunks import Layout, Progress, name
 from pipeline.data.prepare.funnel import build_stats, plot_funnel
-from pipeline.data.prepare.inputs import INPUT_REASON
+from pipeline.data.prepare.inputs import INPUT_REASON, UrlList, file_info, plan_url_list
+from pipeline.data.prepare.worker import (
+    ShardJob,
+    Source,
+    finalize_shard,
+    needs_dedup,
+    prepare_shard,
+)
 from pipeline.data.untrusted import printable
 from pipeline.faults import commit_point
-from pipeline.rundir import RunDir, write_json_atomic
 
-_STATE = ("stage", "reason", "error")
+# Rows one duplicate-URL map task reads; and rows per hash partition of the check.
+CHECK_ROWS = 200_000
+PARTITION_ROWS = 500_000
+
+
+class TooManyFailures(ValueError):
+    """--max-failure-rate exceeded: the list is mostly dead, the run stops (an input error:
+    one `error:` line, exit status 2)."""
 
 
 def is_transient(reason: str | None) -> bool:
@@ -41,213 +55,165 @@ def is_transient(reason: str | None) -> bool:
     )
 
 
-def fingerprint_of(urls: pd.DataFrame, cfg: PrepareConfig) -> str:
-    """The configuration and the list's content: an unfinished run resumes only on both."""
+def fingerprint_of(urls: pd.DataFrame | UrlList, cfg: PrepareConfig) -> str:
+    """The configuration and the list: an unfinished run resumes only on both. A planned
+    list is known by its files' names, sizes and etags/mtimes; an in-memory one by content."""
     digest = hashlib.sha256(config_hash(cfg).encode())
-    text = urls[["url", "caption"]].astype(str)
-    digest.update(pd.util.hash_pandas_object(text, index=False).to_numpy().tobytes())
+    if isinstance(urls, UrlList):
+        from pipeline.data.prepare.inputs import check_url_list
+
+        digest.update(
+            check_url_list(
+                urls.path, urls.url_col, urls.caption_col, urls.additional_columns
+            ).encode()
+        )
+    else:
+        text = urls[["url", "caption"]].astype(str)
+        digest.update(pd.util.hash_pandas_object(text, index=False).to_numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-class _ImageChecks:
-    """Decontamination, exact and near duplicates: first kept occurrence wins."""
-
-    def __init__(self, cfg: PrepareConfig, eval_hashes: list[str]):
-        f = cfg.filters
-        self.exact = Deduplicator("duplicate_image") if f.dedup_images else None
-        self.near = (
-            NearDuplicateIndex(f.near_duplicate_distance, "near_duplicate")
-            if f.near_duplicate_distance is not None
-            else None
-        )
-        self.contaminated = (
-            NearDuplicateIndex(f.decontaminate_distance, "eval_near_duplicate", eval_hashes)
-            if eval_hashes
-            else None
-        )
-
-    @property
-    def need_phash(self) -> bool:
-        return self.near is not None or self.contaminated is not None
-
-    def seed(self, hashes: list[list[str | None]]) -> None:
-        for sha, phash in hashes:
-            if self.exact is not None:
-                self.exact.seen.add(sha)
-            if self.near is not None and phash:
-                self.near.add(phash)
-
-    def __call__(self, row: dict[str, Any]) -> tuple[bool, str | None, str | None]:
-        checks = []
-        if self.contaminated is not None:
-            checks.append(lambda: self.contaminated(row.get("phash"), add=False))
-        if self.exact is not None:
-            checks.append(lambda: self.exact(row["sha256"]))
-        if self.near is not None:
-            checks.append(lambda: self.near(row.get("phash")))
-        for check in checks:
-            keep, reason, detail = check()
-            if not keep:
-                return keep, reason, detail
-        return True, None, None
-
-
-def _schemas(urls: pd.DataFrame) -> tuple[pa.Schema, pa.Schema]:
-    extra = [pa.field(c, t) for c, t in urls.attrs.get("additional_types", {}).items()]
+def _schemas(extra_types: dict[str, pa.DataType]) -> tuple[pa.Schema, pa.Schema]:
+    extra = [pa.field(c, t) for c, t in extra_types.items()]
     return pa.schema([*schema.SAMPLE, *extra]), pa.schema([*schema.REJECT, *extra])
 
 
-def _input_checks(urls: pd.DataFrame, rows_per_shard: int) -> pd.DataFrame:
-    """Keys, shard numbers, and the checks that need no download: missing, unreadable and
-    duplicate URLs, over the whole list (an earlier duplicate may sit in a finished shard)."""
-    frame = urls.reset_index(drop=True).copy()
-    frame["key"] = [schema.url_key(u) if u else "" for u in frame["url"]]
-    frame["_chunk"] = frame.index // rows_per_shard
-    seen = Deduplicator("duplicate_url")
-    state: dict[str, list] = {c: [None] * len(frame) for c in _STATE}
-    given = frame[INPUT_REASON] if INPUT_REASON in frame else [None] * len(frame)
-    for i, (url, flagged) in enumerate(zip(frame["url"], given, strict=True)):
-        if flagged:
-            keep, reason, detail = False, *flagged
-        elif not url:
-            keep, reason, detail = False, "missing_url", "empty URL"
-        else:
-            keep, reason, detail = seen(url)
-        if not keep:
-            state["stage"][i], state["reason"][i], state["error"][i] = "input", reason, detail
-    for c, values in state.items():
-        frame[c] = pd.Series(values, dtype=object)
-    return frame.drop(columns=[INPUT_REASON], errors="ignore")
-
-
-def _stream(frame: pd.DataFrame, cfg: PrepareConfig, need_phash: bool):
-    """The Ray Data pipeline over `frame`'s rows, yielding pandas batches in input order."""
+def _source(urls: pd.DataFrame | UrlList) -> Source:
     import ray
 
-    from pipeline.data.download import CrashLedger, DownloadStage
-    from pipeline.data.filters import filter_batch
-    from pipeline.data.tokenize import TokenizeStage
+    if isinstance(urls, UrlList):
+        return Source(urls=urls, rows=len(urls), extra_types=dict(urls.extra_types))
+    frame = urls.reset_index(drop=True)
+    return Source(
+        frame_ref=ray.put(frame),
+        rows=len(frame),
+        extra_types=dict(urls.attrs.get("additional_types", {})),
+    )
 
-    # Input order in, input order out: "first occurrence wins" must not depend on timing.
-    # Set before the dataset is built: a dataset keeps the context it was made under.
-    ctx = ray.data.DataContext.get_current()
-    preserve_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
+
+def plan(path: str, cfg: PrepareConfig) -> UrlList:
+    """The URL list's files and row counts; text files are counted by Ray tasks, Parquet
+    from its footers. The driver never holds the rows."""
+    import ray
+
+    count = ray.remote(num_cpus=0.25)(file_info)
+
+    def map_files(fn, args_list):
+        return ray.get([count.remote(*args) for args in args_list])
+
+    return plan_url_list(
+        path, cfg.url_col, cfg.caption_col, cfg.save_additional_columns, map_files=map_files
+    )
+
+
+def _url_partitions(source: Source, start: int, stop: int, parts: int) -> list[pd.DataFrame]:
+    """Map side of the duplicate-URL check: (url, position) of rows [start, stop) that are
+    checked (not flagged, not empty), split by a stable hash of the URL."""
+    frame = source.read(start, stop)
+    live = frame["url"].notna() & (frame["url"] != "")
+    if INPUT_REASON in frame:
+        live &= frame[INPUT_REASON].isna()
+    sub = pd.DataFrame({"url": frame["url"][live].to_numpy(), "position": frame.index[live]})
+    bucket = pd.util.hash_array(sub["url"].to_numpy(dtype=object)) % parts
+    out = [sub[bucket == b].reset_index(drop=True) for b in range(parts)]
+    return out if parts > 1 else out[0]
+
+
+def _partition_duplicates(*parts: pd.DataFrame) -> np.ndarray:
+    """Reduce side: positions whose URL an earlier position has (all of a URL's rows meet
+    in one partition)."""
+    frame = pd.concat(parts, ignore_index=True)
+    if frame.empty:
+        return np.empty(0, dtype=np.int64)
+    first = frame.groupby("url", sort=False)["position"].transform("min")
+    return np.sort(frame["position"][frame["position"] != first].to_numpy(dtype=np.int64))
+
+
+def duplicate_urls(source: Source, rows_per_shard: int) -> np.ndarray:
+    """Sorted positions of the rows whose URL an earlier row has, over the whole list: a
+    hash-partitioned check in Ray tasks (the driver receives only the duplicates)."""
+    import ray
+
+    n = source.rows
+    step = max(rows_per_shard, math.ceil(CHECK_ROWS / rows_per_shard) * rows_per_shard)
+    parts = max(1, min(64, math.ceil(n / PARTITION_ROWS)))
+    mapper = ray.remote(num_cpus=0.25, num_returns=parts)(_url_partitions)
+    reducer = ray.remote(num_cpus=0.25)(_partition_duplicates)
+    maps = [mapper.remote(source, a, min(a + step, n), parts) for a in range(0, n, step)]
+    by_part = [[m[p] if parts > 1 else m for m in maps] for p in range(parts)]
+    found = ray.get([reducer.remote(*refs) for refs in by_part])
+    return np.sort(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
+
+
+def _failure_line(index: int, marker: dict, totals: list[int]) -> str:
+    failed = sum(marker["drops"].get("download", {}).values())
+    totals[0] += failed
+    totals[1] += marker["rows"]
+    return (
+        f"[prepare] {name(index)}: {failed}/{marker['rows']} rows failed to download "
+        f"({failed / max(marker['rows'], 1):.0%}); {totals[0]}/{totals[1]} so far "
+        f"({totals[0] / max(totals[1], 1):.0%})"
+    )
+
+
+STALL_RETRIES = 2  # a shard stalled this many times more fails the run
+
+
+def _run_tasks(calls: list, window: int, on_result, watchdog=None) -> None:
+    """Keep at most `window` tasks in flight, handing each result over as it finishes.
+
+    `watchdog` (ledger, seconds, log): a task whose shard shows no progress for that long is
+    cancelled (its worker killed) and submitted again, so it may run elsewhere.
+    """
+    import ray
+
+    pending: dict = {}
+    submitters = dict(calls)
+    stalls: dict = {}
+    calls = list(reversed(calls))
     try:
-        dl = cfg.download
-        # One block per download batch, made here: a repartition would be an all-to-all step.
-        blocks = [frame.iloc[i : i + dl.batch_size] for i in range(0, len(frame), dl.batch_size)]
-        ds = (
-            ray.data.from_pandas(blocks)
-            .map_batches(
-                DownloadStage,
-                fn_constructor_args=(dataclasses.asdict(dl), need_phash, ledger),
-                batch_format="pandas",
-                batch_size=dl.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=dl.concurrency),
-                # Downloading waits on the network most of the time: half a CPU per actor.
-                num_cpus=0.5,
-            )
-            .map_batches(
-                filter_batch,
-                fn_kwargs={"config": dataclasses.asdict(cfg.filters)},
-                batch_format="pandas",
-                num_cpus=0.25,
-            )
-            .map_batches(
-                TokenizeStage,
-                fn_constructor_args=(dataclasses.asdict(cfg.tokenize),),
-                batch_format="pandas",
-                compute=ray.data.ActorPoolStrategy(size=1),
-                num_cpus=0.25,
-            )
-        )
-        yield from ds.iter_batches(batch_format="pandas", batch_size=None)
-    finally:
-        ctx.execution_options.preserve_order = preserve_order
-        ray.kill(ledger)
+        while calls or pending:
+            while calls and len(pending) < window:
+                key, submit = calls.pop()
+                pending[submit()] = key
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5 if watchdog else None)
+            for ref in ready:
+                on_result(pending.pop(ref), ray.get(ref))
+            if watchdog is None or not pending:
+                continue
+            ledger, seconds, log = watchdog
+            quiet = set(ray.get(ledger.quiet.remote(list(pending.values()), seconds)))
+            for ref, key in list(pending.items()):
+                if key not in quiet:
+                    continue
+                stalls[key] = stalls.get(key, 0) + 1
+                if stalls[key] > STALL_RETRIES:
+                    raise RuntimeError(
+                        f"{name(key)} made no progress for {seconds:.0f} s, "
+                        f"{stalls[key]} times: giving up"
+                    )
+                if log:
+                    log(f"[prepare] {name(key)}: no progress for {seconds:.0f} s: run again")
+                ray.cancel(ref, force=True)
+                del pending[ref]
+                ledger.forget.remote(key)  # the new attempt's clock starts when it runs
+                pending[submitters[key]()] = key
+    except BaseException:
+        for ref in pending:  # the run stops: so do the tasks still running for it
+            ray.cancel(ref, force=True)
+        raise
 
 
-def _rows(frame: pd.DataFrame, cfg: PrepareConfig, checks: _ImageChecks):
-    """Each row of `frame` after the pipeline and the image checks, with its worker seconds."""
-    for batch in _stream(frame, cfg, checks.need_phash):
-        for row in batch.to_dict("records"):
-            seconds = {s: row.pop(f"{s}_seconds", 0.0) for s in ("download", "filter", "tokenize")}
-            if pd.isna(row["reason"]):
-                keep, reason, detail = checks(row)
-                if not keep:
-                    row.update(stage="filter", reason=reason, error=detail)
-            if pd.isna(row["reason"]):
-                row["tokens"] = [int(t) for t in row["tokens"]]
-            else:
-                row["error"] = None if pd.isna(row["error"]) else row["error"]
-            yield row, seconds
+def _window(num_cpus: float) -> int:
+    import ray
 
-
-def _first_pass(frame, todo, cfg, checks, progress, schemas) -> None:
-    """Every row of the shards in `todo`, each shard committed as soon as its last row is in."""
-    sizes = frame["_chunk"].value_counts().to_dict()
-    buffers: dict[int, tuple[list, list, dict]] = {}
-    for row, seconds in _rows(frame[frame["_chunk"].isin(todo)], cfg, checks):
-        c = row["_chunk"]
-        samples, rejects, secs = buffers.setdefault(c, ([], [], {}))
-        (samples if pd.isna(row["reason"]) else rejects).append(row)
-        for s, v in seconds.items():
-            secs[s] = secs.get(s, 0.0) + v
-        if len(samples) + len(rejects) == sizes[c]:
-            progress.commit(c, samples, rejects, sizes[c], secs, *schemas)
-            del buffers[c]
-    if buffers:
-        raise RuntimeError(f"shards {sorted(buffers)} did not receive all their rows")
-
-
-def _retry(frame, done, cfg, checks, progress, schemas) -> int:
-    """Fetch again the rows rejected for transient reasons; the recovered move to shards."""
-    position = {k: i for i, k in reversed(list(enumerate(frame["key"])))}  # first occurrence
-    old: dict[int, tuple[list, list]] = {}
-    again = []
-    for c in sorted(done):
-        files = [
-            progress.shards / f"part-{c:05d}.parquet",
-            progress.rejects / f"part-{c:05d}.parquet",
-        ]
-        samples, rejects = (pq.read_table(f).to_pylist() if f.exists() else [] for f in files)
-        retry = [r for r in rejects if r["stage"] == "download" and is_transient(r["reason"])]
-        if retry:
-            old[c] = (
-                samples,
-                [
-                    r
-                    for r in rejects
-                    if not (r["stage"] == "download" and is_transient(r["reason"]))
-                ],
-            )
-            again.extend(
-                {**r, "_chunk": c, "stage": None, "reason": None, "error": None} for r in retry
-            )
-    if not again:
-        return 0
-    retry_frame = pd.DataFrame(again)
-    for c in _STATE:
-        retry_frame[c] = pd.Series([None] * len(retry_frame), dtype=object)
-    new: dict[int, tuple[list, list, dict]] = {c: ([], [], {}) for c in old}
-    for row, seconds in _rows(retry_frame, cfg, checks):
-        samples, rejects, secs = new[row["_chunk"]]
-        (samples if pd.isna(row["reason"]) else rejects).append(row)
-        for s, v in seconds.items():
-            secs[s] = secs.get(s, 0.0) + v
-    for c in sorted(old):
-        samples = sorted(old[c][0] + new[c][0], key=lambda r: position[r["key"]])
-        rejects = old[c][1] + new[c][1]
-        seconds = {s: done[c]["seconds"].get(s, 0.0) + v for s, v in new[c][2].items()}
-        progress.rewrite(c, samples, rejects, done[c]["rows"], seconds, *schemas)
-    return len(again)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(2, int(2 * cpus / num_cpus))
 
 
 def run_prepare(
-    urls: pd.DataFrame,
-    run: RunDir,
+    urls: pd.DataFrame | UrlList | str,
+    run: Any,
     cfg: PrepareConfig,
     *,
     fingerprint: str | None = None,
@@ -255,45 +221,65 @@ def run_prepare(
     fresh: bool = False,
     log: Any = None,
 ) -> dict[str, Any]:
-    """Download, filter and tokenize `urls` into RUN/data; returns the stats written.
+    """Download, filter and tokenize `urls` (a URL list's path, a planned list, or a small
+    list in memory) into RUN/data; returns the stats written.
 
-    Resumes what an interrupted run with the same fingerprint (default: config and list
-    content) left: finished shards are kept and skipped. `retry_failed` then fetches again
-    the rows rejected for transient reasons. `fresh` discards earlier outputs first.
+    Resumes what an interrupted run with the same fingerprint (default: config and list)
+    left: finished shards are kept and skipped. `retry_failed` then fetches again the rows
+    rejected for transient reasons. `fresh` discards earlier outputs first.
     """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.data.download import CrashLedger
+
     start = time.perf_counter()
-    frame = _input_checks(urls, cfg.rows_per_shard)
+    if isinstance(urls, str):
+        urls = plan(urls, cfg)
+    source = _source(urls)
     progress = Progress(run, fingerprint or fingerprint_of(urls, cfg), fresh=fresh)
-    eval_hashes = hash_image_folder(cfg.filters.decontaminate) if cfg.filters.decontaminate else []
-    checks = _ImageChecks(cfg, eval_hashes)
-    schemas = _schemas(urls)
+    layout = Layout(progress.root, progress.shards, progress.rejects)
+    sample_schema, reject_schema = _schemas(source.extra_types)
+    k = cfg.rows_per_shard
+    chunks = range(math.ceil(source.rows / k))
     done = progress.done()
-    chunks = sorted(frame["_chunk"].unique())
     if set(done) - set(chunks):
         raise RuntimeError(f"{progress.dir} has markers of shards beyond this list's end")
-    for c in sorted(done):
-        checks.seed(done[c]["hashes"])
     todo = [c for c in chunks if c not in done]
-    if log and done:
-        log(f"[prepare] resuming: {len(done)} of {len(chunks)} shards already finished")
-    rows_run = int(frame["_chunk"].isin(todo).sum())
-    if todo:
-        _first_pass(frame, todo, cfg, checks, progress, schemas)
-    retried = 0
-    if retry_failed:
-        retried = _retry(frame, progress.done(), cfg, checks, progress, schemas)
-        rows_run += retried
+    dedup = needs_dedup(cfg)
+    staged = progress.staged_done() if dedup else {}
+    fetch = [c for c in todo if c not in staged]
+    if log and len(fetch) < len(chunks):
+        log(
+            f"[prepare] resuming: {len(done)} of {len(chunks)} shards already finished, "
+            f"{len(todo) - len(fetch)} more already fetched (waiting for the dedup step)"
+        )
+    # On the driver's node: it lives as long as the run, whichever worker node goes away.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ledger = ray.remote(num_cpus=0)(CrashLedger).options(scheduling_strategy=here).remote()
+    job = ShardJob(layout, cfg, sample_schema, reject_schema, ledger)
+    try:
+        if fetch:
+            duplicates = duplicate_urls(source, k)
+            _fetch(job, source, fetch, duplicates, log)
+        if todo and dedup:
+            _dedup(job, progress, len(chunks), todo, log)
+        retried = _retry(job, source, progress, log) if retry_failed else 0
+    finally:
+        ray.kill(ledger)
+    rows_run = min(len(todo) * k, source.rows) + retried
     markers = [m for _, m in sorted(progress.done().items())]
     stats = build_stats(markers, time.perf_counter() - start, rows_run)
     stats["retried"] = retried
-    funnel_png = Path(run.stats_path).parent / "funnel.png"
+    data = storage.parent(progress.dir)
+    funnel_png = storage.join(data, "funnel.png")
     stats["paths"] = {
         "shards": str(run.shards),
         "rejects": str(run.rejects),
         "stats": str(run.stats_path),
-        "funnel_png": str(funnel_png),
+        "funnel_png": funnel_png,
     }
-    write_json_atomic(run.stats_path, stats)
+    storage.write_json(run.stats_path, stats)
     commit_point("prepare.stats")
     try:
         plot_funnel(stats, funnel_png)
@@ -302,3 +288,76 @@ def run_prepare(
             log(f"warning: funnel.png not drawn ({type(err).__name__}: {printable(err)})")
     commit_point("prepare.funnel")
     return stats
+
+
+TASK_CPUS = 0.5  # downloading waits on the network most of the time: half a CPU per task
+
+
+def _fetch(job: ShardJob, source: Source, chunks: list[int], duplicates: np.ndarray, log) -> None:
+    """One task per shard in `chunks`, each given the duplicate positions in its range."""
+    import ray
+
+    task = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(prepare_shard)
+    k, n = job.cfg.rows_per_shard, source.rows
+    limit = job.cfg.max_failure_rate
+    totals = [0, 0]
+
+    def call(c: int):
+        lo, hi = c * k, min((c + 1) * k, n)
+        dups = duplicates[np.searchsorted(duplicates, lo) : np.searchsorted(duplicates, hi)]
+        return c, lambda: task.remote(job, source, c, lo, hi, dups)
+
+    def finished(c: int, marker: dict) -> None:
+        line = _failure_line(c, marker, totals)
+        if log:
+            log(line)
+        if limit is not None and totals[0] > limit * totals[1] and totals[1] >= min(n, 100):
+            raise TooManyFailures(
+                f"{totals[0]} of the {totals[1]} rows fetched so far failed to download "
+                f"({totals[0] / totals[1]:.0%} > --max-failure-rate {limit:.0%}): the URL list "
+                "looks mostly dead; stopping (finished shards are kept, a rerun resumes)"
+            )
+
+    stall = job.cfg.stall_minutes
+    watchdog = (job.ledger, stall * 60, log) if stall is not None else None
+    _run_tasks([call(c) for c in chunks], _window(TASK_CPUS), finished, watchdog)
+
+
+def _eval_hashes(cfg: PrepareConfig) -> list[str]:
+    from pipeline.data.filters import hash_image_folder
+
+    return hash_image_folder(cfg.filters.decontaminate) if cfg.filters.decontaminate else []
+
+
+def _dedup_call(job: ShardJob, hash_files: list[str], log) -> None:
+    from pipeline.data import dedup
+    from pipeline.data.prepare.chunks import forget_listings
+
+    forget_listings(job.layout.root)  # the hash files were written by the shard tasks
+    f = job.cfg.filters
+    counts = dedup.find_drops(
+        hash_files,
+        job.layout.drops,
+        dedup_images=f.dedup_images,
+        near_duplicate_distance=f.near_duplicate_distance,
+        eval_hashes=_eval_hashes(job.cfg),
+        decontaminate_distance=f.decontaminate_distance,
+    )
+    if log and counts:
+        log(f"[prepare] dedup: {', '.join(f'{r} {n}' for r, n in sorted(counts.items()))}")
+
+
+def _dedup(job: ShardJob, progress: Progress, n_chunks: int, todo: list[int], log) -> None:
+    """The dedup step over every shard's hashes, then a finalizing task per unfinished shard."""
+    import ray
+
+    _dedup_call(job, [job.layout.file(job.layout.hashes, c) for c in range(n_chunks)], log)
+    task = ray.remote(num_cpus=0.25, max_retries=3)(finalize_shard)
+    calls = [(c, lambda c=c: task.remote(job, c)) for c in todo]
+    _run_tasks(calls, _window(0.25), lambda c, marker: None)
+
+
+def _retry(job: ShardJob, source: Source, progress: Progress, log) -> int:
+    from pipeline.data.prepare.retry import retry_failed
+
+    return retry_failed(job, source, progress, log)
