@@ -199,7 +199,7 @@ def test_keys_and_extra_columns(prepared):
 
 def test_stats_funnel_and_chart(prepared):
     stats, run, rejects = prepared["stats"], prepared["run"], prepared["rejects"]
-    assert json.loads(run.stats_path.read_text()) == stats
+    assert json.loads(Path(run.stats_path).read_text()) == stats
     assert stats["rows_in"] == len(prepared["rows"])
     for stage in ("input", "download", "filter"):
         drops = Counter(r["reason"] for r in rejects if r["stage"] == stage)
@@ -208,6 +208,6 @@ def test_stats_funnel_and_chart(prepared):
         {"domain": "127.0.0.1", "failures": 1, "reasons": {"http_404": 1}}
     ]
     png = Path(stats["paths"]["funnel_png"])
-    assert png == run.root / "data" / "funnel.png"
+    assert png == Path(run.root) / "data" / "funnel.png"
     with Image.open(png) as chart:
         assert chart.format == "PNG" and chart.size[0] > 600

@@ -112,8 +112,8 @@ def prepared(ray_local, served, tmp_path_factory):
     run = RunDir.at(tmp_path_factory.mktemp("run"))
     cfg = prepare_config()
     stats = run_prepare(read_url_list(str(urls_path)), run, cfg)
-    shard_files = sorted(run.shards.glob("*.parquet"))
-    reject_files = sorted(run.rejects.glob("*.parquet"))
+    shard_files = sorted(Path(run.shards).glob("*.parquet"))
+    reject_files = sorted(Path(run.rejects).glob("*.parquet"))
     return {
         "run": run,
         "cfg": cfg,
@@ -172,7 +172,7 @@ def test_each_bad_kind_is_rejected_with_its_reason(served, truth, prepared):
 
 def test_stats_match_the_parquet_contents(prepared):
     stats, run = prepared["stats"], prepared["run"]
-    assert json.loads(run.stats_path.read_text()) == stats
+    assert json.loads(Path(run.stats_path).read_text()) == stats
     samples, rejects = prepared["samples"], prepared["rejects"]
     assert stats["rows_in"] == len(samples) + len(rejects)
     assert stats["samples"] == len(samples)
@@ -207,11 +207,11 @@ def test_shards_layout_and_schema(truth, prepared):
     for f in prepared["reject_files"]:
         assert pq.read_schema(f).equals(schema.REJECT), f
     # Nothing but the finished shards, and one marker per shard: no temp files left behind.
-    assert sorted(p.name for p in run.shards.iterdir()) == [f.name for f in files]
-    markers = sorted(p.name for p in (run.root / "data" / "progress").glob("part-*"))
+    assert sorted(p.name for p in Path(run.shards).iterdir()) == [f.name for f in files]
+    markers = sorted(p.name for p in (Path(run.root) / "data" / "progress").glob("part-*"))
     assert markers == [f"part-{i:05d}.json" for i in range(n_chunks)]
-    assert (run.root / "data" / "funnel.png").stat().st_size > 10_000
-    assert prepared["stats"]["paths"]["funnel_png"] == str(run.root / "data" / "funnel.png")
+    assert (Path(run.root) / "data" / "funnel.png").stat().st_size > 10_000
+    assert prepared["stats"]["paths"]["funnel_png"] == str(Path(run.root) / "data" / "funnel.png")
 
 
 def test_images_are_resized_and_describe_the_served_file(served, truth, prepared):
@@ -264,7 +264,7 @@ def test_without_allowed_networks_nothing_is_fetched(truth, refused):
     assert refused["requests"] == []
     rejects = read_rows(run.rejects)
     assert len(rejects) == len(truth)
-    assert list(run.shards.glob("*.parquet")) == []
+    assert list(Path(run.shards).glob("*.parquet")) == []
     assert stats["samples"] == 0 and stats["shards"] == 0
     n_dup = sum(r["kind"] == "duplicate_url" for r in truth)
     reasons = Counter((r["stage"], r["reason"]) for r in rejects)
@@ -281,8 +281,8 @@ def test_pipeline_prepare_skips_when_done_and_refuses_another_config(served, ref
     urls_path, cfg, run, stats = served[2], refused["cfg"], refused["run"], refused["stats"]
     entry = run.stage("prepare")
     assert (entry["samples"], entry["rejects"]) == (stats["samples"], stats["rejects"])
-    assert json.loads(run.stats_path.read_text()) == stats
-    outputs = sorted(run.rejects.glob("*.parquet"))
+    assert json.loads(Path(run.stats_path).read_text()) == stats
+    outputs = sorted(Path(run.rejects).glob("*.parquet"))
     assert outputs
     mtimes = {f: f.stat().st_mtime_ns for f in outputs}
     log: list[str] = []
@@ -328,6 +328,6 @@ def test_pipeline_prepare_skips_when_done_and_refuses_another_config(served, ref
         False,
     )
     assert decision.run and decision.fresh and "url_list" in decision.why
-    assert {f: f.stat().st_mtime_ns for f in sorted(run.rejects.glob("*.parquet"))} == mtimes
+    assert {f: f.stat().st_mtime_ns for f in sorted(Path(run.rejects).glob("*.parquet"))} == mtimes
     assert run.stage("prepare") == entry
-    assert json.loads(run.stats_path.read_text()) == stats
+    assert json.loads(Path(run.stats_path).read_text()) == stats

@@ -5,6 +5,7 @@ read_webdataset (tokens recomputed) and trains on them to an exported model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,16 +51,16 @@ def test_export_tars_then_train_from_them(ray_local, tmp_path):
     metrics = pretrain.train(spec, run, log=print)
 
     # The imported shards are the exported rows, tokens and all.
-    imported = pq.read_table(sorted(run.shards.glob("*.parquet"))).sort_by("key")
+    imported = pq.read_table(sorted(Path(run.shards).glob("*.parquet"))).sort_by("key")
     assert imported.schema.equals(original.schema)
     assert imported.to_pylist() == original.to_pylist()
-    assert json.loads((run.shards / IMPORT_MARKER).read_text())["rows"] == 80
+    assert json.loads((Path(run.shards) / IMPORT_MARKER).read_text())["rows"] == 80
     # Trained on them and exported a model open_clip can load.
     assert metrics["step"] == 3
     assert run.stage("train")["identity"]["inputs"]["shards"] is not None
-    assert (run.model / "open_clip_config.json").exists()
+    assert (Path(run.model) / "open_clip_config.json").exists()
 
     # A rerun finds the import whole and leaves the shards alone.
-    before = {p.name: p.stat().st_mtime_ns for p in run.shards.iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in Path(run.shards).iterdir()}
     assert import_shards(str(tars), run.shards, spec.config.train.model) == 80
-    assert {p.name: p.stat().st_mtime_ns for p in run.shards.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in Path(run.shards).iterdir()} == before

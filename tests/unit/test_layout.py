@@ -165,7 +165,7 @@ def test_summary_reports_seconds_per_stage_and_the_layout(tmp_path):
     assert summary["stage_seconds"] == {"setup": 2.0, "ray_start": 3.0, "train": 40.0}
     assert summary["wall_seconds"] == 45.5
     assert (summary["train"]["workers"], summary["train"]["threads_per_worker"]) == (1, 2)
-    assert json.loads(run.summary_path.read_text())["stage_seconds"]["train"] == 40.0
+    assert json.loads(Path(run.summary_path).read_text())["stage_seconds"]["train"] == 40.0
     line = [x for x in pretrain.format_summary(summary).splitlines() if x.startswith("time")]
     assert line == ["time : 46s in all (setup 2s, ray_start 3s, train 40s)"]
 
