@@ -239,18 +239,20 @@ def finalize_shard(job: ShardJob, index: int) -> dict[str, Any]:
         if storage.exists(drops_file)
         else []
     )
-    # The final rejects start as the staged ones; the dedup drops are appended to them.
+    # The final rejects are the staged ones, then the dedup drops (appended by
+    # dedup.finalize_shard, which reads the staged rejects as the existing ones).
     staged_rejects = lay.file(lay.staged_rejects, index)
-    if storage.exists(staged_rejects):
-        storage.write_bytes(rejects_out, storage.read_bytes(staged_rejects))
-    else:
-        storage.remove(rejects_out)
     if drops:
-        dedup.finalize_shard(staged, drops_file, shard_out, rejects_out)
+        dedup.finalize_shard(staged, drops_file, shard_out, rejects_out, staged_rejects)
         if len(drops) == marker["samples"]:  # no rows left: no shard file, as for any shard
             storage.remove(shard_out)
-    elif marker["samples"]:
-        storage.write_bytes(shard_out, storage.read_bytes(staged))
+    else:
+        if storage.exists(staged_rejects):
+            storage.write_bytes(rejects_out, storage.read_bytes(staged_rejects))
+        else:
+            storage.remove(rejects_out)
+        if marker["samples"]:
+            storage.write_bytes(shard_out, storage.read_bytes(staged))
     commit_point("prepare.shard")
     filtered = marker["drops"].setdefault("filter", {})
     for reason in drops:
