@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import open_clip
-import pyarrow.parquet as pq
 import torch
 
+from pipeline import storage
 from pipeline.config import EvalConfig
 from pipeline.evaluate.datasets import (
     IMAGE_EXTENSIONS,
@@ -139,13 +139,13 @@ def _caption_lists(values: list[Any], path: Any) -> list[list[str]]:
 
 def check_retrieval(
     path: str | Path, image_col: str = "image", caption_col: str = "caption"
-) -> Path:
-    """Fail fast on a retrieval Parquet that cannot work (before Ray starts)."""
-    path = Path(path).expanduser().resolve()
+) -> str:
+    """Fail fast on a retrieval Parquet that cannot work (before Ray starts); local or URI."""
+    path = storage.normalize(path)
     schema = parquet_schema(path, {"--image-col": image_col, "--caption-col": caption_col})
     if not image_column_ok(schema.field(image_col).type):
         raise ValueError(f"{path}: column {image_col!r} is not encoded image bytes")
-    if pq.ParquetFile(str(path)).metadata.num_rows == 0:
+    if storage.parquet_rows(path) == 0:
         raise ValueError(f"{path}: no rows")
     return path
 
@@ -168,7 +168,7 @@ def evaluate_retrieval(
     store once): meant for eval sets of up to tens of thousands of small images.
     """
     path = check_retrieval(parquet_path, image_col, caption_col)
-    table = pq.read_table(str(path), columns=[image_col, caption_col])
+    table = storage.read_parquet(path, columns=[image_col, caption_col])
     captions_per_row = _caption_lists(table.column(caption_col).to_pylist(), path)
     image_of_key: dict[str, int] = {}
     images, texts, text_image = [], [], []

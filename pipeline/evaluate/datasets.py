@@ -295,12 +295,14 @@ def image_column_ok(kind: pa.DataType) -> bool:
     return pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
 
 
-def parquet_schema(path: Path, columns: dict[str, str]) -> pa.Schema:
-    """The file's schema, after checking it exists, is Parquet and has `columns` (flag: name)."""
-    if not path.is_file():
+def parquet_schema(path: str | Path, columns: dict[str, str]) -> pa.Schema:
+    """The file's schema, after checking it exists, is Parquet and has `columns` (flag: name).
+
+    `path` is a local path or a URI (pipeline.storage)."""
+    if not storage.exists(path) or storage.isdir(path):
         raise FileNotFoundError(f"{path} does not exist or is not a file")
     try:
-        schema = pq.read_schema(str(path))
+        schema = storage.parquet_file(path).schema_arrow
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
     for flag, name in columns.items():
