@@ -120,6 +120,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint_in_the_bucket(ray_local, bu
     storage.upload(str(shards), f"{bucket}/run/data/shards")
     run_uri = f"{bucket}/run"
     cfg = TrainConfig(
+        num_workers=2,  # a worker killed while its peer waits in the gather: the hard case
+        cpus_per_worker=0.5,
         global_batch_size=32,
         max_steps=30,
         warmup_steps=1,

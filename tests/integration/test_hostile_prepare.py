@@ -256,7 +256,11 @@ def hostile(ray_local, servers, tmp_path_factory):
     start = time.monotonic()
     stats = run_prepare(urls, run, CFG)
     elapsed = time.monotonic() - start
-    read = lambda d: [r for f in sorted(d.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]  # noqa: E731
+
+    def read(folder: str) -> list[dict]:
+        files = sorted(Path(folder).glob("*.parquet"))
+        return [r for f in files for r in pq.read_table(f).to_pylist()]
+
     return cases, stats, read(run.shards), read(run.rejects), elapsed
 
 

@@ -154,8 +154,10 @@ def prepared(ray_local, base, tmp_path_factory):
     urls = read_url_list(str(tmp / "urls.parquet"), "url", "text", ("uid",))
     stats = run_prepare(urls, run, cfg)
 
-    def read(folder: Path) -> list[dict]:
-        return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    def read(folder: str) -> list[dict]:
+        return [
+            r for f in sorted(Path(folder).glob("*.parquet")) for r in pq.read_table(f).to_pylist()
+        ]
 
     return {
         "rows": rows,
@@ -190,7 +192,7 @@ def test_keys_and_extra_columns(prepared):
         (prepared["run"].shards, schema.SAMPLE),
         (prepared["run"].rejects, schema.REJECT),
     ):
-        for f in sorted(folder.glob("*.parquet")):
+        for f in sorted(Path(folder).glob("*.parquet")):
             got = pq.read_schema(f)
             # The DESIGN.md columns first, unchanged; the extra column after, with its type.
             assert got.names == [*design.names, "uid"], f

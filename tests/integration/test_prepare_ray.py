@@ -53,8 +53,8 @@ def prepare_config(allowed_networks=LOOPBACK, **changes) -> PrepareConfig:
     return PrepareConfig(**{"rows_per_shard": ROWS_PER_SHARD, "download": download, **changes})
 
 
-def read_rows(folder: Path) -> list[dict]:
-    return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+def read_rows(folder: str | Path) -> list[dict]:
+    return [r for f in sorted(Path(folder).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
 class _Requests:

@@ -90,19 +90,19 @@ def write_list(path: Path, urls: list[str]) -> Path:
     return path
 
 
-def outcome(run_root: Path) -> Counter:
+def outcome(run_root: str | Path) -> Counter:
     """(key, url, "sample") or (key, url, stage, reason) for every row written, counted."""
     out: Counter = Counter()
     for folder in ("shards", "rejects"):
-        for f in sorted((run_root / "data" / folder).glob("*.parquet")):
+        for f in sorted((Path(run_root) / "data" / folder).glob("*.parquet")):
             for r in pq.read_table(f).to_pylist():
                 fate = ("sample",) if folder == "shards" else (r["stage"], r["reason"])
                 out[(r["key"], r["url"], *fate)] += 1
     return out
 
 
-def file_names(run_root: Path, folder: str) -> list[str]:
-    return sorted(p.name for p in (run_root / "data" / folder).iterdir())
+def file_names(run_root: str | Path, folder: str) -> list[str]:
+    return sorted(p.name for p in (Path(run_root) / "data" / folder).iterdir())
 
 
 def _kill_session(tmpdir: str) -> None:

@@ -47,7 +47,7 @@ def test_export_tars_then_train_from_them(ray_local, tmp_path):
     )
     spec = validate(spec)
     run = RunDir.at(spec.run_dir)
-    run.root.mkdir(parents=True)
+    Path(run.root).mkdir(parents=True)
     metrics = pretrain.train(spec, run, log=print)
 
     # The imported shards are the exported rows, tokens and all.
