@@ -63,7 +63,9 @@ def test_submit_tiny_pipeline(ray_head, tmp_path):
     # Seconds per part of the command, each positive, together within its wall time.
     seconds = summary["stage_seconds"]
     assert set(seconds) == {"setup", "ray_start", "prepare", "train", "eval"}
-    assert all(v > 0 for v in seconds.values()), seconds
+    # Connecting to a running cluster may round to 0.0 s; the stages themselves take time.
+    assert all(v >= 0 for v in seconds.values()), seconds
+    assert all(seconds[stage] > 0 for stage in ("prepare", "train", "eval")), seconds
     assert sum(seconds.values()) <= summary["wall_seconds"] + 0.5  # each rounded to 0.1 s
     # The train stage's own split, from its workers' marks; auto chose one worker on 2 CPUs.
     assert set(summary["train_seconds"]) == {

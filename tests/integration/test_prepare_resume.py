@@ -105,20 +105,35 @@ def file_names(run_root: str | Path, folder: str) -> list[str]:
     return sorted(p.name for p in (Path(run_root) / "data" / folder).iterdir())
 
 
-def _kill_session(tmpdir: str) -> None:
-    """SIGKILL what is left of the Ray session the killed job started (its own temp dir)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def _session_pids(tmpdir: str) -> list[int]:
+    """Processes of the Ray session with its own temp dir: Ray's workers rename themselves
+    (ray::prepare_shard), so their environment (RAY_TMPDIR) is checked besides the command line."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
-        if tmpdir.encode() in cmdline:
+        if tmpdir.encode() in cmdline or f"RAY_TMPDIR={tmpdir}".encode() in environ:
+            pids.append(int(pid))
+    return pids
+
+
+def _kill_session(tmpdir: str) -> None:
+    """SIGKILL what is left of the Ray session the killed job started, until nothing is: a
+    surviving worker would finish its shard after the kill and the rerun would not fetch it."""
+    for _ in range(100):
+        pids = _session_pids(tmpdir)
+        if not pids:
+            return
+        for pid in pids:
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        time.sleep(0.1)
+    raise AssertionError(f"processes of {tmpdir} survive SIGKILL: {_session_pids(tmpdir)}")
 
 
 def test_kill_minus_9_then_rerun_equals_an_uninterrupted_run(ray_local, server, tmp_path, request):
