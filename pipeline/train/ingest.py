@@ -10,6 +10,7 @@ uninterrupted run would have read from step s on, with no epoch's rows repeated 
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +156,7 @@ def read_group(item: dict[str, Any], columns: list[str]) -> pa.Table:
     return table.take(order[int(item["skip"]) : int(item["take"])])
 
 
+@functools.lru_cache(maxsize=4)
 def train_transform(image_size: int):
     """open_clip's train transform without ToTensor/Normalize: crops stay uint8 until the
     worker normalises them, so 4x fewer bytes travel through the object store."""
@@ -193,11 +195,26 @@ def decode_group(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
     return {"image": np.stack(images), "tokens": tokens}
 
 
+class DecodeGroups:
+    """decode_group in a long-lived Ray Data actor: torch, torchvision and open_clip are
+    imported once. As tasks, each group often landed in a fresh worker process (Ray ends idle
+    workers beyond one per CPU within a second, and the stream waits on training between
+    groups), and those imports were ~80% of the decode CPU in a profile of the demo: CPU the
+    training worker beside it could not use."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+        train_transform(image_size)  # the imports, now
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return decode_group(batch, self.image_size)
+
+
 def rank_dataset(items: list[dict[str, Any]], image_size: int, cpus_per_task: float = 0.25):
     """A Ray Data stream of a rank's remaining plan: one block per group, in plan order.
 
-    Fractional-CPU tasks: the training workers hold whole CPUs on small machines and a task
-    asking for a whole one would wait forever.
+    One decode actor per rank, of a fractional CPU: the training workers hold whole CPUs on
+    small machines and an actor asking for a whole one would wait forever.
     """
     import ray
 
@@ -206,5 +223,9 @@ def rank_dataset(items: list[dict[str, Any]], image_size: int, cpus_per_task: fl
     ctx.enable_progress_bars = False  # one bar per worker would garble the training log
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return ds.map_batches(
-        decode_group, batch_size=1, fn_kwargs={"image_size": image_size}, num_cpus=cpus_per_task
+        DecodeGroups,
+        batch_size=1,
+        fn_constructor_kwargs={"image_size": image_size},
+        num_cpus=cpus_per_task,
+        compute=ray.data.ActorPoolStrategy(size=1),
     )
