@@ -578,14 +578,6 @@ def validate(spec: RunSpec) -> RunSpec:
     if "sweep" in stages:
         from pipeline.tune.sweep import check_sweep
 
-        if storage.is_uri(spec.run_dir):
-            # Tune's experiment state, the trials' histories and report.html are local files
-            # still (issue 13): refused, not written to a local folder named after the URI.
-            raise SpecError(
-                f"{spec.run_dir}: a sweep cannot run in a bucket yet; use a local "
-                "--run-dir (or a shared mount)"
-            )
-
         if inputs.val_dataset is None and inputs.url_list is not None:
             raise SpecError("a sweep ranks trials on a held-out image folder: pass --val-dataset")
         check_sweep(cfg.sweep, cfg.train)

@@ -198,6 +198,17 @@ def list_files(folder: str | os.PathLike, suffix: str = "") -> list[str]:
     return sorted(found)
 
 
+def glob(folder: str | os.PathLike, pattern: str) -> list[str]:
+    """Files under `folder` matching `pattern` (such as `*/history.jsonl`), sorted, as full
+    paths or URIs. Listed fresh: other processes may have written there since the last look."""
+    folder = os.fspath(folder)
+    fs, inner = filesystem(folder)
+    fs.invalidate_cache()
+    root = inner.rstrip("/")
+    found = fs.glob(f"{root}/{pattern}")
+    return sorted(join(folder, *path[len(root) + 1 :].split("/")) for path in found)
+
+
 def size(path: str | os.PathLike) -> int:
     fs, inner = filesystem(path)
     return fs.size(inner)

@@ -11,6 +11,7 @@ nor skips an epoch's rows.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import sys
@@ -442,9 +443,9 @@ def build_trainer(
 def load_checkpoint_model(checkpoint_dir: str | Path, cfg: TrainConfig) -> torch.nn.Module:
     # Onto the CPU: checkpoints of GPU workers hold CUDA tensors, and the driver that exports or
     # evaluates them may have no GPU.
-    state = torch.load(
-        Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
-    )
+    # (A sweep's winner is read straight from its folder, which may be on a bucket.)
+    blob = io.BytesIO(storage.read_bytes(storage.join(checkpoint_dir, CHECKPOINT_FILE)))
+    state = torch.load(blob, map_location="cpu", weights_only=True)
     bias = cfg.init_logit_bias if cfg.loss == "siglip" else None
     model = create_model(cfg.model, cfg.init_temperature, bias)
     model.load_state_dict(state["model"])

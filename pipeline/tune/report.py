@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.rundir import write_json_atomic
 
 METRIC = "zeroshot_top1"
@@ -28,7 +29,7 @@ STOP_KEYS = ("rung", "value", "cutoff", "se", "bar")
 
 
 # -- reading a sweep ---------------------------------------------------------------------------
-def read_trial(history: Path, max_steps: int) -> dict[str, Any]:
+def read_trial(history: str | Path, max_steps: int) -> dict[str, Any]:
     """One trial from its history.jsonl: knobs, reports (one per step, the latest kept), status.
 
     status: completed (reached max_steps), stopped (ended early: its scheduler cut it), error,
@@ -37,11 +38,12 @@ def read_trial(history: Path, max_steps: int) -> dict[str, Any]:
     promotions, stops and resumes, each with its step (and at a judged rung the trial's value,
     the cutoff, the probe's standard error and the bar it had to reach).
     """
-    params, hparams, end, trial_id = {}, {}, None, history.parent.name
+    trial_dir = storage.name(storage.parent(history))
+    params, hparams, end, trial_id = {}, {}, None, trial_dir
     by_step: dict[int, dict[str, Any]] = {}
     events: list[dict[str, Any]] = []
     waiting = False
-    for line in history.read_text().splitlines():
+    for line in storage.read_text(history).splitlines():
         if not line.strip():
             continue
         try:
@@ -78,7 +80,7 @@ def read_trial(history: Path, max_steps: int) -> dict[str, Any]:
     last = reports[-1] if reports else {}
     return {
         "trial_id": trial_id,
-        "dir": history.parent.name,
+        "dir": trial_dir,
         "params": params,
         "hparams": hparams,
         "status": status,
@@ -98,13 +100,12 @@ def read_trial(history: Path, max_steps: int) -> dict[str, Any]:
 
 def read_sweep(sweep_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(the saved sweep config, its trials ranked best first) from a sweep folder."""
-    sweep_dir = Path(sweep_dir)
-    config_path = sweep_dir / CONFIG_FILE
-    if not config_path.is_file():
+    config_path = storage.join(sweep_dir, CONFIG_FILE)
+    if not storage.exists(config_path):
         raise FileNotFoundError(f"no sweep in {sweep_dir}: {CONFIG_FILE} is missing")
-    config = json.loads(config_path.read_text())
+    config = storage.read_json(config_path)
     max_steps = int(config["sweep"]["max_steps"])
-    trials = [read_trial(h, max_steps) for h in sorted(sweep_dir.glob(f"*/{HISTORY}"))]
+    trials = [read_trial(h, max_steps) for h in storage.glob(sweep_dir, f"*/{HISTORY}")]
     return config, rank(trials)
 
 
@@ -119,9 +120,9 @@ def rank(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def winner(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best-ranked trial whose checkpoint is still on disk, or None."""
+    """The best-ranked trial whose checkpoint is still there, or None."""
     for t in trials:
-        if t["status"] != "error" and t["checkpoint"] and Path(t["checkpoint"]).exists():
+        if t["status"] != "error" and t["checkpoint"] and storage.exists(t["checkpoint"]):
             return t
     return None
 
@@ -374,12 +375,9 @@ def _decisions_html(trials: list[dict[str, Any]]) -> str:
 
 def write_report(sweep_dir: str | Path) -> dict[str, Any]:
     """Write report.html with its PNGs, the hparams runs and leaderboard.json; return a summary."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = storage.normalize(sweep_dir)
     config, trials = read_sweep(sweep_dir)
     best = winner(trials)
-    heatmap = plot_heatmap(trials, sweep_dir / HEATMAP_PNG)
-    curves = plot_curves(trials, sweep_dir / CURVES_PNG)
-    write_hparams(trials, sweep_dir / TENSORBOARD)
     sweep = config["sweep"]
     stopped = sum(t["status"] == "stopped" for t in trials)
     paused = sum(t["status"] == "paused" for t in trials)
@@ -417,14 +415,10 @@ Ranked by zero-shot top-1 on the validation folder {html.escape(config["val_data
 <code>tensorboard --logdir {html.escape(str(sweep_dir))} --host 127.0.0.1</code></p>
 </body></html>
 """
-    report_path = sweep_dir / REPORT_HTML
-    tmp = report_path.with_suffix(".html.tmp")
-    tmp.write_text(page)
-    tmp.replace(report_path)
     summary = {
-        "html": str(report_path),
-        "pngs": [str(heatmap), str(curves)],
-        "tensorboard": str(sweep_dir / TENSORBOARD),
+        "html": storage.join(sweep_dir, REPORT_HTML),
+        "pngs": [storage.join(sweep_dir, HEATMAP_PNG), storage.join(sweep_dir, CURVES_PNG)],
+        "tensorboard": storage.join(sweep_dir, TENSORBOARD),
         "trials": len(trials),
         "stopped_early": stopped,
         "steps_total": spent,
@@ -436,5 +430,19 @@ Ranked by zero-shot top-1 on the validation folder {html.escape(config["val_data
             {k: v for k, v in t.items() if k not in ("history", "events")} for t in trials
         ],
     }
-    write_json_atomic(sweep_dir / LEADERBOARD_JSON, summary)
+    # matplotlib, tensorboardX and the page write local files: in a bucket's case into a
+    # temporary folder, uploaded file by file (each object whole) at the block's end.
+    with storage.local_output(sweep_dir) as out:
+        out = Path(out)
+        plot_heatmap(trials, out / HEATMAP_PNG)
+        plot_curves(trials, out / CURVES_PNG)
+        write_hparams(trials, out / TENSORBOARD)
+        tmp = out / (REPORT_HTML + ".tmp")
+        tmp.write_text(page)
+        tmp.replace(out / REPORT_HTML)
+        write_json_atomic(out / LEADERBOARD_JSON, summary)
+        if storage.is_uri(sweep_dir):
+            # Event files are named by the time they were written: the old set is removed, or
+            # TensorBoard would list every trial once per rewrite.
+            storage.remove(storage.join(sweep_dir, TENSORBOARD), recursive=True)
     return summary

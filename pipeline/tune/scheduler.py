@@ -28,6 +28,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from pipeline import storage
 from pipeline.faults import commit_point
 
 PROBE_SIZE = "zeroshot_images"  # the images a trial's probe measured top-1 on (its binomial n)
@@ -76,13 +77,22 @@ def append_history(sweep_dir: str | Path | None, trial_dir: str, record: dict[st
     from pipeline.tune.report import HISTORY
 
     record = {**record, "at": round(time.time(), 3)}  # the driver's clock, to order trials' lines
+    line = json.dumps(record, default=str).encode() + b"\n"
+    if storage.is_uri(sweep_dir):
+        # An object cannot be appended to: the driver, its only writer, rewrites it whole
+        # (histories are a few KB), so a reader sees the old lines or the old plus the new.
+        path = storage.join(sweep_dir, trial_dir, HISTORY)
+        old = storage.read_bytes(path) if storage.exists(path) else b""
+        storage.write_bytes(path, old + line)
+        commit_point("sweep.history")
+        return
     path = Path(sweep_dir) / trial_dir / HISTORY
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("ab") as f:
         # A driver killed mid-line leaves a torn tail: the next record starts a line of its
         # own, or it would be glued to the fragment and lost with it.
         torn = f.tell() > 0 and not _ends_with_newline(path)
-        f.write(("\n" if torn else "").encode() + json.dumps(record, default=str).encode() + b"\n")
+        f.write((b"\n" if torn else b"") + line)
     commit_point("sweep.history")
 
 
@@ -152,10 +162,10 @@ class SuccessiveHalving(FIFOScheduler):
             return
         from pipeline.tune.report import HISTORY
 
-        path = Path(self.sweep_dir) / self.trial_dirname(trial) / HISTORY
-        if not path.is_file():
+        path = storage.join(self.sweep_dir, self.trial_dirname(trial), HISTORY)
+        if not storage.exists(path):
             return
-        for line in path.read_text().splitlines():
+        for line in storage.read_text(path).splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

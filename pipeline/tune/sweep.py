@@ -23,6 +23,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
+from pipeline import storage
 from pipeline.config import SweepConfig, TrainConfig, from_dict
 
 # METRIC: what ASHA and the leaderboard rank by (0..1); HISTORY: per trial, its knobs, then one
@@ -265,14 +266,15 @@ def run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     cfg = trial_train_config(train, sweep, params)
     # Train's storage lives in the trial's folder of RUN/sweep (not Tune's local staging
     # folder), so a resumed sweep restarts the trial from its last checkpoint.
-    trial_dir = Path(context["sweep_dir"]) / Path(tune.get_context().get_trial_dir()).name
+    trial_dir = storage.join(context["sweep_dir"], storage.name(tune.get_context().get_trial_dir()))
     # The trial's own resolved training config, beside its history.
-    trial_dir.mkdir(parents=True, exist_ok=True)
     config = {"params": params, "train": dataclasses.asdict(cfg)}
-    (trial_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    storage.write_text(
+        storage.join(trial_dir, "config.json"), json.dumps(config, indent=2, default=str) + "\n"
+    )
     trainer = build_trainer(
         cfg,
-        Path(context["shards"]),
+        context["shards"],
         context["num_samples"],
         trial_dir,
         name="train",
@@ -280,6 +282,14 @@ def run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()
+
+
+def checkpoint_uri(path: str | None, sweep_dir: str) -> str | None:
+    """A checkpoint's path as Ray reports it, made a URI when the sweep is on a bucket (Ray
+    gives the path inside its file system, `bucket/run/...`, without the scheme)."""
+    if path is None or not storage.is_uri(sweep_dir) or storage.is_uri(path):
+        return path
+    return f"{sweep_dir.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
 def trial_dirname(trial) -> str:
@@ -309,7 +319,7 @@ class TrialHistory(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         record = {k: result[k] for k in KEPT if k in result}
-        record["checkpoint_path"] = result.get("checkpoint_path")
+        record["checkpoint_path"] = checkpoint_uri(result.get("checkpoint_path"), self.sweep_dir)
         record["time_total_s"] = result.get("time_total_s")
         self._append(trial, record)
 
@@ -370,7 +380,7 @@ class TrialScalarsOnly(TBXLoggerCallback):
 
 
 # -- running a sweep --------------------------------------------------------------------------
-def _tuner_config(sweep: SweepConfig, concurrency: int, sweep_dir: Path):
+def _tuner_config(sweep: SweepConfig, concurrency: int, sweep_dir: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -435,9 +445,9 @@ def _tune_config(tune, sweep: SweepConfig, scheduler, search_alg, limit: int | N
 def run_sweep(
     train: TrainConfig,
     sweep: SweepConfig,
-    shards: Path,
+    shards: str | Path,
     num_samples: int,
-    sweep_dir: Path,
+    sweep_dir: str | Path,
     val_dataset: str | Path,
     log: Any = print,
 ) -> dict[str, Any]:
@@ -450,21 +460,27 @@ def run_sweep(
     from ray import tune
 
     check_sweep(sweep, train, num_samples)
-    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir = storage.normalize(sweep_dir)
     context = {
         "train": dataclasses.asdict(train),
         "sweep": dataclasses.asdict(sweep),
-        "shards": str(Path(shards).resolve()),
+        "shards": storage.normalize(shards),
         "num_samples": num_samples,
-        "sweep_dir": str(sweep_dir),
-        "val_dataset": str(Path(val_dataset).resolve()),
+        "sweep_dir": sweep_dir,
+        "val_dataset": storage.normalize(val_dataset),
     }
     resources = {"CPU": sweep.driver_cpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
-    if tune.Tuner.can_restore(sweep_dir):
+    # Tune's experiment state lives in the sweep folder, on a bucket through its file system.
+    filesystem, inner = storage.arrow_filesystem(sweep_dir)
+    if tune.Tuner.can_restore(inner, storage_filesystem=filesystem):
         log(f"[sweep] resuming the sweep in {sweep_dir}")
         tuner = tune.Tuner.restore(
-            str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+            inner,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
         )
     else:
         concurrency = concurrent_trials(sweep, train, ray.cluster_resources())
@@ -472,18 +488,20 @@ def run_sweep(
             f"[sweep] {sweep.search} search, {sweep.scheduler} scheduler, up to {concurrency} "
             f"trials at once, {sweep.max_steps} steps each at most"
         )
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / CONFIG_FILE).write_text(json.dumps(context, indent=2) + "\n")
+        storage.write_text(
+            storage.join(sweep_dir, CONFIG_FILE), json.dumps(context, indent=2) + "\n"
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(sweep),
             tune_config=_tuner_config(sweep, concurrency, sweep_dir),
             run_config=tune.RunConfig(
-                name=sweep_dir.name,
-                storage_path=str(sweep_dir.parent),
+                name=storage.name(sweep_dir),
+                storage_path=storage.parent(inner),
+                storage_filesystem=filesystem,
                 callbacks=[
-                    TrialHistory(str(sweep_dir), context["sweep"]),
-                    LiveReport(str(sweep_dir), sweep.report_every_s),
+                    TrialHistory(sweep_dir, context["sweep"]),
+                    LiveReport(sweep_dir, sweep.report_every_s),
                     TrialScalarsOnly(),
                 ],
                 verbose=1,
@@ -497,14 +515,14 @@ def run_sweep(
     return report
 
 
-def export_winner(sweep_dir: Path, winner: dict[str, Any], model_dir: Path) -> Path:
+def export_winner(sweep_dir: str | Path, winner: dict[str, Any], model_dir: str | Path) -> str:
     """The best trial's last checkpoint as an open_clip local-dir model in `model_dir`."""
     from pipeline.train.loop import load_checkpoint_model
     from pipeline.train.modeling import export_local_dir, model_config
 
-    saved = json.loads((Path(sweep_dir) / CONFIG_FILE).read_text())
+    saved = storage.read_json(storage.join(sweep_dir, CONFIG_FILE))
     train = from_dict(TrainConfig, saved["train"])
     sweep = from_dict(SweepConfig, saved["sweep"])
     cfg = trial_train_config(train, sweep, winner["params"])
     model = load_checkpoint_model(winner["checkpoint"], cfg)
-    return export_local_dir(model, model_config(cfg.model), Path(model_dir))
+    return export_local_dir(model, model_config(cfg.model), storage.normalize(model_dir))

@@ -106,10 +106,3 @@ def test_a_stale_s3_lease_is_taken_over_once(bucket):
     assert storage.read_json(f"{root}/{lock.LEASE}")["token"] == taker.token
     assert not lock.S3LeaseStore(f"{root}/{lock.LEASE}").delete_if("old")
     taker.release()
-
-
-def test_sweeps_in_a_bucket_are_refused_until_they_write_through_storage(bucket, tmp_path):
-    # Not a local folder named "s3:" (the bug of issue 13): one line, nothing written.
-    line = _job(["--run-dir", f"{bucket}/run", "--sweep"], tmp_path)
-    assert line.startswith(f"error: {bucket}/run: a sweep cannot run in a bucket yet")
-    assert _objects(bucket) == []
