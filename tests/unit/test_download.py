@@ -379,7 +379,9 @@ def test_retries_only_transient_failures(servers, base):
     result = fetch(f"{base}/stall?retry", dataclasses.replace(cfg, retries=1))
     assert (result.reason, result.transient) == ("timeout", True)
     assert main.hits["/stall?retry"] == 2
-    assert time.monotonic() - start < 2 * DEADLINE_FACTOR * cfg.timeout + 1.0
+    # Ended by the deadline of each attempt (~1.2 s), not by the server's 50 s trickle: the
+    # margin is for a loaded machine, and still far below what no deadline would take.
+    assert time.monotonic() - start < 2 * DEADLINE_FACTOR * cfg.timeout + 10.0
 
 
 def test_loopback_refused_without_allowed_networks(servers, base):
