@@ -260,18 +260,23 @@ def prepare(spec: RunSpec, run: RunDir, log: Any = print) -> dict[str, Any]:
     if spec.inputs.url_list is not None:
         stats = _run_prepare(spec, run, spec.inputs.url_list, None, decision, log)
     else:
-        from pipeline.demo import serve_demo, write_url_list
+        from pipeline.demo import URLS, serve_demo, write_url_list
 
         demo(spec, run, log)
-        # Served from this machine (a local copy when the run dir is a bucket).
+        # The images are served from this machine, the demo's web (a local copy when the run
+        # dir is a bucket); their URL list lives in the run dir, where the shard tasks on every
+        # node read it (no node but this one sees this machine's disk).
+        urls = storage.join(run.demo, URLS)
         with (
             storage.local_copy(run.demo) as demo_dir,
             serve_demo(storage.join(demo_dir, "www")) as base_url,
         ):
             log(f"Demo images served at {base_url} while they download")
-            path = str(write_url_list(demo_dir, base_url))
+            written = write_url_list(demo_dir, base_url)  # urls itself when the run dir is local
+            if storage.is_uri(urls):
+                storage.write_bytes(urls, written.read_bytes())
             # The demo's list names a new port each time: its fingerprint is its identity.
-            stats = _run_prepare(spec, run, path, digest(ident), decision, log)
+            stats = _run_prepare(spec, run, urls, digest(ident), decision, log)
     log(format_funnel(stats))
     finish(
         run,

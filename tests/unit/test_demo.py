@@ -330,3 +330,40 @@ def test_rebuild_and_reuse(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         build_demo_corpus(tmp_path, cfg)
     assert not marker.exists()
+
+
+def test_with_the_run_dir_on_a_bucket_the_demo_url_list_is_there(bucket, tmp_path, monkeypatch):
+    """The shard tasks of every node read the demo's URL list from the run dir, not from the
+    driver's disk: RUN/demo/urls.parquet in the bucket, naming the driver's server."""
+    from pipeline import pretrain, storage
+    from pipeline.rundir import RunDir
+    from pipeline.spec import build_spec, validate
+
+    class Planned(Exception):
+        pass
+
+    def run_prepare(spec, run, path, fingerprint, decision, log):
+        # The list exists in the bucket while the server runs, and names the server.
+        urls = storage.read_parquet(path)["url"].to_pylist()
+        raise Planned(path, urls)
+
+    scratch, work = tmp_path / "scratch", tmp_path / "cwd"
+    scratch.mkdir()
+    work.mkdir()
+    monkeypatch.setattr(pretrain, "_run_prepare", run_prepare)
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    monkeypatch.chdir(work)
+    small = {"demo.num_train": (40, "test"), "demo.num_retrieval": (8, "test"),
+             "demo.eval_images_per_class": (1, "test")}  # fmt: skip
+    spec = validate(
+        build_spec(preset="tiny", run_dir=f"{bucket}/run", stages=("prepare",), flags=small)
+    )
+    with pytest.raises(Planned) as planned:
+        pretrain.prepare(spec, RunDir.at(spec.run_dir), log=lambda line: None)
+    path, urls = planned.value.args
+    assert path == f"{bucket}/run/demo/urls.parquet"
+    assert len(urls) == 40 and all(u.startswith("http://127.0.0.1:") for u in urls)
+    # The corpus was built and served from temporary copies, all gone now (other libraries
+    # keep temporary folders of their own there).
+    left = [p for p in scratch.rglob("*") if "clip-pipeline-" in str(p) or p.suffix == ".parquet"]
+    assert left == [] and list(work.iterdir()) == []
