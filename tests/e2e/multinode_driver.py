@@ -4,6 +4,8 @@ cluster, as one Ray job, then what Ray's state API says ran where, as one JSON l
 
 Training spreads its workers over the nodes (placement SPREAD) and runs long enough to be
 interrupted; everything else is the tiny preset as `jobs/pretrain.py --preset tiny` runs it.
+The report also says, for each node, where a process it starts keeps temporary files, its
+working directory and the S3 endpoint it sees: the test checks that the nodes share no disk.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +53,31 @@ def _state(job_id: str, dashboard: str) -> dict:
     }
 
 
+def _node_disks() -> list[dict]:
+    """Per alive node: TMPDIR, working directory and S3 endpoint of a task that ran there."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def where() -> dict:
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "tmpdir": tempfile.gettempdir(),
+            "cwd": os.getcwd(),
+            "s3_endpoint": os.environ.get("AWS_ENDPOINT_URL"),
+        }
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    return ray.get(
+        [
+            where.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote()
+            for node in nodes
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", required=True)
@@ -78,6 +107,7 @@ def main() -> None:
     ray.init(address=args.address, configure_logging=False, log_to_driver=False)
     run = RunDir.at(args.run_dir)
     spec = spec_of(cfg, run.root, ("prepare", "train"))
+    disks = _node_disks()
     prepared = pretrain.prepare(spec, run)
     trained = pretrain.train(spec, run)
     job_id = ray.get_runtime_context().get_job_id()
@@ -85,6 +115,8 @@ def main() -> None:
         "prepare": prepared,
         "train": trained,
         "driver_node": ray.get_runtime_context().get_node_id(),
+        "driver": {"tmpdir": tempfile.gettempdir(), "cwd": os.getcwd()},
+        "node_disks": disks,
         **_state(job_id, args.dashboard),
     }
     print("RESULT " + json.dumps(report, default=str), flush=True)
