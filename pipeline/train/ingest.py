@@ -23,7 +23,7 @@ from pipeline import storage
 
 CHUNK_ROWS = 256  # the unit dealt to workers: small enough to balance them within a few rows
 GROUP_CHUNKS = 4  # chunks read and permuted together: a batch mixes rows of several shards
-DECODE_ACTOR_MEMORY = 800 * 2**20
+DECODE_ACTOR_MEMORY = 2**30
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def rank_dataset(items: list[dict[str, Any]], image_size: int, cpus_per_task: fl
         batch_size=1,
         fn_constructor_kwargs={"image_size": image_size},
         num_cpus=cpus_per_task,
-        # What the actor holds resident (torch, torchvision and open_clip: ~0.65 GB measured on
+        # What the actor holds resident (torch, torchvision and open_clip: 0.65-0.8 GB measured on
         # the demo), asked for so the scheduler counts it; unasked, Ray Data warns in the log.
         memory=DECODE_ACTOR_MEMORY,
         compute=ray.data.ActorPoolStrategy(size=1),
