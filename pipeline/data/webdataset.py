@@ -165,8 +165,7 @@ def sample_rows(samples: dict[str, Any], tokenizer: Any) -> pa.Table:
         out["original_height"].append(meta.get("original_height") or height)
         out["sha256"].append(meta.get("sha256") or hashlib.sha256(jpg).hexdigest())
     captions = out["caption"]
-    tokens = tokenizer(captions).numpy().astype(np.int32) if captions else np.zeros((0, 0))
-    out["tokens"] = [t.tolist() for t in tokens]
+    out["tokens"] = tokenizer(captions).tolist()
     return pa.Table.from_pydict(out, schema=schema.SAMPLE)
 
 
@@ -183,8 +182,7 @@ class SampleRows:
         columns = {k: list(v) for k, v in batch.items()}
         if "__key__" not in columns:  # Parquet rows of the shard schema: new tokens only
             captions = [str(c) for c in columns["caption"]]
-            tokens = self.tokenizer(captions).numpy().astype(np.int32)
-            columns["tokens"] = [t.tolist() for t in tokens]
+            columns["tokens"] = self.tokenizer(captions).tolist()
             return pa.Table.from_pydict(columns, schema=schema.SAMPLE)
         for member in ("txt", "json"):
             columns.setdefault(member, None)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
 import pandas as pd
 import pytest
 
-from pipeline.config import FilterConfig, TokenizeConfig
+from pipeline.config import FilterConfig
 from pipeline.data import filters
 from pipeline.data.filters import Deduplicator, build_predicates, filter_batch
-from pipeline.data.tokenize import TokenizeStage
+from pipeline.data.tokenize import MODEL_CONFIG_DIR, Tokenizer, load_tokenizer, tokens_of_alive
 from pipeline.train.modeling import context_length, resolve_model_name
 
 CFG = FilterConfig(
@@ -229,55 +233,70 @@ def test_deduplicator_keeps_first_occurrence_only():
     assert Deduplicator("duplicate_url")("a") == (True, None, None)
 
 
-@pytest.fixture(scope="module")
-def reference_tokenizer():
-    return open_clip.get_tokenizer(resolve_model_name("clip-demo-tiny"))
+CAPTIONS = [
+    "a red circle on a grey background",
+    "A Photo of TWO blue stars, at dusk!",
+    "an extremely long caption " + "that keeps going " * 20,  # truncated to the context
+    "émoji 🙂 and ünïcode, Ελληνικά, 日本語のキャプション",
+    "rejected upstream",
+    "&amp; html &lt;b&gt;entities&lt;/b&gt; and   odd\tspacing\n",
+    "",
+    "it's we'll they've 1234 5.6 -- ???",
+]
 
 
-def test_tokenize_stage_equals_open_clip(reference_tokenizer):
-    captions = [
-        "a red circle on a grey background",
-        "A Photo of TWO blue stars, at dusk!",
-        "an extremely long caption " + "that keeps going " * 20,  # truncated to the context
-        "émoji 🙂 and ünïcode",
-        "rejected upstream",
-        "the last one",
-    ]
+@pytest.mark.parametrize("model", ["clip-demo-tiny", "ViT-B-32", "config-file"])
+def test_tokens_equal_open_clip(model, tmp_path):
+    if model == "config-file":  # a user's JSON config with a short context: truncation
+        config = json.loads((MODEL_CONFIG_DIR / "clip-demo-tiny.json").read_text())
+        config["text_cfg"]["context_length"] = 8
+        model = str(tmp_path / "short-context.json")
+        Path(model).write_text(json.dumps(config))
+    ours = load_tokenizer(model)
+    assert isinstance(ours, Tokenizer)  # open_clip's BPE loaded without its package
+    expected = open_clip.get_tokenizer(resolve_model_name(model))(CAPTIONS).numpy()
+    assert expected.shape == (len(CAPTIONS), context_length(model))
+    got = ours(CAPTIONS)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, expected)
+    assert ours([]).shape == (0, context_length(model))
+
+
+def test_tokens_of_alive_rows_only():
+    tokenizer = load_tokenizer("clip-demo-tiny")
+    reasons = [None, None, None, None, "http_404", None, None, None]
     batch = pd.DataFrame(
-        {
-            "key": [f"k{i}" for i in range(len(captions))],
-            "caption": captions,
-            "reason": [None, None, None, None, "http_404", None],
-        },
-        index=pd.RangeIndex(50, 50 + len(captions)),
+        {"key": [f"k{i}" for i in range(len(CAPTIONS))], "caption": CAPTIONS, "reason": reasons},
+        index=pd.RangeIndex(50, 50 + len(CAPTIONS)),
+        dtype=object,
     )
-    batch["reason"] = batch["reason"].astype(object)
-    stage = TokenizeStage(dataclasses.asdict(TokenizeConfig(model="clip-demo-tiny")))
-    out = stage(batch)
-    assert list(out["key"]) == list(batch["key"])
-    assert "tokens" not in batch.columns  # input untouched
-
-    n_ctx = context_length("clip-demo-tiny")
-    alive = [i for i in range(len(captions)) if batch["reason"].iloc[i] is None]
-    expected = reference_tokenizer([captions[i] for i in alive]).numpy()
-    assert expected.shape == (len(alive), n_ctx)
-    for j, i in enumerate(alive):
-        tokens = out["tokens"].iloc[i]
-        assert isinstance(tokens, list) and len(tokens) == n_ctx
-        assert all(isinstance(t, int) for t in tokens)
-        np.testing.assert_array_equal(np.asarray(tokens), expected[j])
-    assert out["tokens"].iloc[4] is None
+    tokens = tokens_of_alive(batch, tokenizer)
+    expected = tokenizer(CAPTIONS).tolist()
+    for i, reason in enumerate(reasons):
+        assert tokens[i] == (None if reason else expected[i])
+        assert reason or all(type(t) is int for t in tokens[i])
     # Different captions give different tokens (the comparison is not vacuous).
-    assert out["tokens"].iloc[0] != out["tokens"].iloc[1]
-    assert (out["tokenize_seconds"] >= 0).all()
+    assert tokens[0] != tokens[1]
+    rejected = batch.assign(reason="too_small")
+    assert tokens_of_alive(rejected, tokenizer) == [None] * len(CAPTIONS)
 
 
-def test_tokenize_stage_with_every_row_rejected():
-    batch = pd.DataFrame(
-        {"caption": ["a b c", "d e f"], "reason": ["too_small", "http_500"]}, dtype=object
+def test_tokenizing_imports_no_torch():
+    """The point of the BPE path: a fresh process tokenizes without importing torch, and a
+    later `import torch` there still gets the real torch."""
+    code = (
+        "import sys; from pipeline.data.tokenize import load_tokenizer\n"
+        "t = load_tokenizer('clip-demo-tiny')(['a red circle'])\n"
+        "print('torch' in sys.modules, t[0, :3].tolist())\n"
+        "import torch; print(torch.zeros(2).sum().item())\n"
     )
-    out = TokenizeStage({"model": "clip-demo-tiny"})(batch)
-    assert list(out["tokens"]) == [None, None]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout.split("\n")  # fmt: skip
+    expected = open_clip.get_tokenizer(resolve_model_name("clip-demo-tiny"))(["a red circle"])
+    assert out[0] == f"False {expected[0, :3].tolist()}"
+    assert out[1] == "0.0"
 
 
 def _random_hashes(n: int, seed: int) -> list[int]:

@@ -138,6 +138,7 @@ def process(frame: pd.DataFrame, cfg: PrepareConfig, ledger: Any = None, beat=No
     """Download, filter and tokenize `frame`'s live rows, a download batch at a time:
     (samples, rejects, seconds per stage), rows as dicts in input order."""
     from pipeline.data.filters import filter_batch
+    from pipeline.data.tokenize import tokens_of_alive
 
     download = _download_stage(
         json.dumps(dataclasses.asdict(cfg.download), sort_keys=True), need_phash(cfg)
@@ -152,14 +153,7 @@ def process(frame: pd.DataFrame, cfg: PrepareConfig, ledger: Any = None, beat=No
         if beat is not None:
             beat()  # progress, for the stall watchdog
         start = time.perf_counter()
-        alive = batch["reason"].isna().to_numpy()
-        tokens: list = [None] * len(batch)
-        if alive.any():
-            captions = [str(c) for c in batch.loc[alive, "caption"]]
-            encoded = _tokenizer(cfg.tokenize.model)(captions).numpy().astype(np.int32)
-            for row, vector in zip(np.flatnonzero(alive), encoded, strict=True):
-                tokens[row] = [int(t) for t in vector]
-        batch["tokens"] = tokens
+        batch["tokens"] = tokens_of_alive(batch, _tokenizer(cfg.tokenize.model))
         seconds["tokenize"] += time.perf_counter() - start
         for stage in ("download", "filter"):
             seconds[stage] += float(batch[f"{stage}_seconds"].sum())
