@@ -254,10 +254,10 @@ class DownloadStage:
         live_rows = np.flatnonzero(out["reason"].isna().to_numpy())
         attempt, batch_id = 1, None
         if self.ledger is not None and len(live_rows):
-            import ray
-
             batch_id = hashlib.sha256("|".join(map(str, out["key"])).encode()).hexdigest()
-            attempt = ray.get(self.ledger.begin.remote(batch_id))
+            # Not ray.get: a task blocked in ray.get hands its CPU back, and Ray starts
+            # another shard task (a new worker process) in it for every batch.
+            attempt = self.ledger.begin.remote(batch_id).future().result()
         if attempt > CRASHES_ALLOWED:
             # Ray Data retries a batch on a new actor as often as the actor dies: one that
             # killed two already is rejected, each of its rows, instead of killing the next.
