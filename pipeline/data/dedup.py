@@ -385,6 +385,7 @@ def find_drops(
     eval_hashes: list[str],
     decontaminate_distance: int,
     fingerprint: str | None = None,
+    expected_rows: int | None = None,
 ) -> dict[str, int]:
     """Decide which rows of the shards behind `hash_files` are dropped, and why.
 
@@ -394,7 +395,9 @@ def find_drops(
     decontamination. A marker written with the same shards, settings and `fingerprint`
     (anything identifying the hash files' content, e.g. the prepare run's fingerprint and
     retry count: the caller's to change when a hash file is rewritten) means the work is done:
-    its counts are returned and nothing is read. Needs a running Ray.
+    its counts are returned and nothing is read. `expected_rows`, about how many rows the
+    hash files hold, sizes the groups (it never changes the result); counted when not given.
+    Needs a running Ray.
     """
     import ray.data
 
@@ -445,6 +448,7 @@ def find_drops(
                 list(eval_hashes),
                 decontaminate_distance,
                 eval_digest,
+                expected_rows,
             )
         finally:
             ctx.shuffle_strategy = strategy
@@ -461,6 +465,7 @@ def _run(
     eval_hashes: list[str],
     eval_distance: int,
     eval_digest: str,
+    expected_rows: int | None,
 ) -> dict[str, int]:
     """find_drops' Ray Data part: writes the drops files, returns the drops per reason."""
     import ray.data
@@ -480,18 +485,21 @@ def _run(
                 "digest": eval_digest,
             },
         )
-    rows = rows.materialize()  # read once; the checks below branch from it
-    # Groups of ~GROUP_ROWS rows: few enough calls, small enough to hold in a task.
-    buckets = max(1, rows.count() // GROUP_ROWS)
-    drops = [rows.map_batches(_dropped, batch_format="pyarrow")]
+        rows = rows.materialize()  # decontaminated once: the checks below branch from it
+    # Groups of ~GROUP_ROWS rows: few enough calls, small enough to hold in a task. Each
+    # execution of a Ray Data plan costs about a second of scheduling, so the default
+    # (exact duplicates only) is one plan: nothing is materialized, nothing counted.
+    buckets = max(1, (rows.count() if expected_rows is None else expected_rows) // GROUP_ROWS)
+    drops = [rows.map_batches(_dropped, batch_format="pyarrow")] if eval_hashes else []
     alive = rows.map_batches(_alive, batch_format="pyarrow")
     if dedup_images:
         checked = (
             alive.map_batches(_sha_buckets, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
             .groupby("bucket")
             .map_groups(_exact_group, batch_format="pyarrow")
-            .materialize()
         )
+        if near_distance is not None:
+            checked = checked.materialize()  # both its drops and its survivors are used
         drops.append(checked.map_batches(_dropped, batch_format="pyarrow"))
         alive = checked.map_batches(_alive, batch_format="pyarrow")
     drops = [d.select_columns(_DROP_ROWS.names) for d in drops]
@@ -514,7 +522,7 @@ def _run(
     # One sentinel row per shard, so every shard gets its file even without drops.
     sentinels = files.map_batches(_sentinels, batch_format="pyarrow")
     written = (
-        sentinels.union(*drops)
+        (sentinels.union(*drops) if drops else sentinels)
         .groupby("shard")
         .map_groups(_write_shard_drops, batch_format="pyarrow", fn_kwargs={"drops_dir": drops_dir})
         .take_all()
