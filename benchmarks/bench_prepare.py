@@ -12,11 +12,11 @@ of processes and threads each:
   processes (best of two passes): this machine's decode + resize rate, with no network and
   no writing; "own loop" is the same with our resize path (reduced-scale JPEG decoding);
 - img2dataset: ``img2dataset.download(output_format="parquet")`` alone (download, resize,
-  write);
+  write), its processes each handed input shards (two per process);
 - ours: ``pipeline.data.prepare.run_prepare`` (download, resize, filter, tokenize, write; one
-  Ray task per input shard, half a CPU each, so twice as many tasks as img2dataset's
-  processes with half the threads each: the same number of fetching threads) on a local Ray
-  started beforehand, as a job finds it. Start-up (Ray's start, and the time from the call to
+  Ray task per input shard, a CPU each: as many tasks at once as img2dataset's processes,
+  with as many threads, over the same input shards) on a local Ray started beforehand, as a
+  job finds it. Start-up (Ray's start, and the time from the call to
   the first shard task running: planning, the duplicate-URL check, scheduling, worker start)
   is printed on its own line, with the rate after start-up beside the end-to-end rate.
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -147,6 +148,12 @@ def measure_limit(base: str, count: int, image_size: int, processes: int, ours: 
     return count / max(seconds)
 
 
+def rows_per_shard(images: int, processes: int) -> int:
+    """Both tools get the same input shards, two per process (each tool's unit of work:
+    img2dataset hands whole shards to its processes, so one shard would idle all but one)."""
+    return max(1, math.ceil(images / (2 * processes)))
+
+
 def run_img2dataset(urls: Path, out: Path, args) -> float:
     from img2dataset import download
 
@@ -166,7 +173,7 @@ def run_img2dataset(urls: Path, out: Path, args) -> float:
         retries=0,
         enable_wandb=False,
         disallowed_header_directives=[],
-        number_sample_per_shard=args.images,
+        number_sample_per_shard=rows_per_shard(args.images, args.processes),
     )
     seconds = time.perf_counter() - start
     import pyarrow.parquet as pq
@@ -194,7 +201,7 @@ def run_ours(urls: Path, run_dir: Path, args, images: int) -> tuple[float, float
     ray_start = time.perf_counter() - began
     tasks_per_process = round(1 / TASK_CPUS)
     cfg = PrepareConfig(
-        rows_per_shard=max(250, images // (2 * tasks_per_process * args.processes)),
+        rows_per_shard=rows_per_shard(images, args.processes),
         download=DownloadConfig(
             image_size=args.image_size,
             thread_count=max(1, args.threads // tasks_per_process),
@@ -285,8 +292,9 @@ def main() -> None:
     finally:
         server.terminate()
     print(
-        f"\n{args.image_size} px, {args.processes} processes x {args.threads} threads "
-        f"(ours: {args.processes * 2} tasks x {args.threads // 2} threads)\n" + "\n".join(lines)
+        f"\n{args.image_size} px, {args.processes} processes x {args.threads} threads, "
+        f"{rows_per_shard(max(sizes), args.processes)} rows a shard at {max(sizes)}\n"
+        + "\n".join(lines)
     )
 
 

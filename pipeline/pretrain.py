@@ -714,11 +714,13 @@ def _plan_stage(spec: RunSpec, run: RunDir, name: str, upstream: str | None) -> 
         d = decide(run, "prepare", prepare_identity(spec), spec.options.force)
         if not d.run and spec.options.retry_failed:
             d = Decision(True, "--retry-failed: fetch the transient failures again")
+        from pipeline.data.prepare.run import TASK_CPUS
+
         p = cfg.prepare
         return {
             "action": "run" if d.run else "skip",
             "why": d.why,
-            "resources": f"a task per {p.rows_per_shard}-row shard, 0.5 CPU and "
+            "resources": f"a task per {p.rows_per_shard}-row shard, {TASK_CPUS:g} CPU and "
             f"{p.download.thread_count} threads each",
         }
     if name in ("train", "sweep"):

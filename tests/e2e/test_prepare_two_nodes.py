@@ -1,13 +1,17 @@
 """Prepare on a cluster as the cluster YAMLs shape it: a head with 0 CPUs (it only coordinates)
-and two worker nodes, the job sent with `ray job submit` (issue 14, item 6).
+and worker nodes, the job sent with `ray job submit` (issue 14, item 6).
 
-Every shard is written by a process on a worker node, none by the driver on the head; one
-worker node is killed (kill -9 of its raylet and everything under it) mid-prepare, and the
-run still ends with every input row in exactly one place."""
+The job starts with one 1-CPU worker node; mid-prepare a 3-CPU node joins, as an autoscaler
+adds one for the queued shard tasks, and prepare widens to use it (more shard tasks at once
+than the first node alone could ever be given). Every shard is written by a process on a
+worker node, none by the driver on the head; the added node is then killed (kill -9 of its
+raylet and everything under it) mid-prepare, and the run still ends with every input row in
+exactly one place."""
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import subprocess
 import threading
@@ -26,7 +30,8 @@ from PIL import Image
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-ROWS, PER_SHARD = 600, 50  # 12 shards, each ~1.5 s to fetch at 25 ms a response
+ROWS, PER_SHARD = 1200, 50  # 24 shards, each ~1.5 s to fetch at 25 ms a response
+ADDED_CPUS = 3
 
 
 def _jpeg(i: int) -> bytes:
@@ -72,9 +77,9 @@ def test_workers_write_the_shards_and_losing_a_node_loses_no_row(tmp_path):
     try:
         cluster.start()
         keep = cluster.add_node(num_cpus=1)
-        doomed = cluster.add_node(num_cpus=1)
         cluster.wait_for_job_agent()
-        head = next(n["node_id"] for n in _nodes(cluster) if n["is_head_node"])
+        before = {n["node_id"]: n for n in _nodes(cluster)}
+        head = next(i for i, n in before.items() if n["is_head_node"])
         submit = [
             "ray", "job", "submit", "--address", cluster.dashboard_url,
             "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".", "--",
@@ -87,11 +92,21 @@ def test_workers_write_the_shards_and_losing_a_node_loses_no_row(tmp_path):
             text=True,
         )  # fmt: skip
         staged = run_dir / "data" / "staged"
-        deadline = time.monotonic() + 600
-        while len(list(staged.glob("part-*.json"))) < 2:
-            assert job.poll() is None, job.stdout.read()[-4000:]
-            assert time.monotonic() < deadline, "no shard staged in 600 s"
-            time.sleep(0.1)
+
+        def wait_for(what: str, done) -> None:
+            deadline = time.monotonic() + 600
+            while not done([json.loads(p.read_text()) for p in staged.glob("part-*.json")]):
+                assert job.poll() is None, job.stdout.read()[-4000:]
+                assert time.monotonic() < deadline, f"not in 600 s: {what}"
+                time.sleep(0.1)
+
+        wait_for("a shard staged", lambda markers: len(markers) >= 1)
+        doomed = cluster.add_node(num_cpus=ADDED_CPUS)  # the autoscaler's new node
+        (added,) = {n["node_id"] for n in _nodes(cluster)} - set(before)
+        wait_for(
+            f"{ADDED_CPUS} shards staged on the added node",
+            lambda markers: sum(m["node_id"] == added for m in markers) >= ADDED_CPUS,
+        )
         cluster.kill_node(doomed)
         output, _ = job.communicate(timeout=900)
         assert job.returncode == 0, output[-4000:]
@@ -105,7 +120,11 @@ def test_workers_write_the_shards_and_losing_a_node_loses_no_row(tmp_path):
     assert len(markers) == ROWS // PER_SHARD
     # Written on worker nodes, never on the head where the driver runs.
     writers = {m["node_id"] for m in markers} | {m["finalized"]["node_id"] for m in markers}
-    assert head not in writers
+    assert head not in writers and added in writers
+    # The added node was used in full: more shard tasks ran at once than the window prepare
+    # starts with on one 1-CPU node (2 in flight) would allow.
+    edges = sorted([(m["started"], 1) for m in markers] + [(m["finished"], -1) for m in markers])
+    assert max(itertools.accumulate(step for _, step in edges)) > 2
     rows = lambda folder: [  # noqa: E731
         r for f in sorted((data / folder).glob("*.parquet")) for r in pq.read_table(f).to_pylist()
     ]

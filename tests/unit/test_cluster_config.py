@@ -27,6 +27,7 @@ from ray.autoscaler._private.resource_demand_scheduler import (
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipeline.config import get_preset
+from pipeline.data.prepare.run import TASK_CPUS
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 LAUNCHER_YAMLS = ["aws.yaml", "gcp.yaml"]
@@ -178,8 +179,8 @@ def test_autoscaler_adds_cpu_nodes_for_data_and_gpu_nodes_for_training(
 ):
     config = _ray_up_config(name)
     # prepare's requests (tests/e2e/test_cluster_multinode.py reads them back from Ray):
-    # a task per input shard 0.5 CPU each, the dedup step's finalizing tasks 0.25.
-    data = [{"CPU": 0.5}] * 8 + [{"CPU": 0.25}] * 8
+    # a task per input shard, TASK_CPUS each; the dedup step's finalizing tasks 0.25.
+    data = [{"CPU": TASK_CPUS}] * 8 + [{"CPU": 0.25}] * 8
     assert set(_nodes_launched_for(config, data)) == {CPU_TYPE}
 
     assert all(r["GPU"] == 1 for r in datacomp_worker_requests), datacomp_worker_requests

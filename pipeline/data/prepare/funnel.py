@@ -85,12 +85,12 @@ def format_funnel(stats: dict[str, Any]) -> str:
 
 def plot_funnel(stats: dict[str, Any], path: str | os.PathLike) -> None:
     """funnel.png: rows out per stage, drops by reason, top failing domains."""
-    import matplotlib
+    # A Figure of its own, not pyplot: no global backend or figure registry (no display on
+    # workers and CI; savefig renders PNG with Agg).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no display on workers and CI
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), constrained_layout=True)
+    fig = Figure(figsize=(15, 4.5), constrained_layout=True)
+    axes = fig.subplots(1, 3)
     stages = list(stats["stages"])
     outs = [stats["stages"][s]["rows_out"] for s in stages]
     ax = axes[0]
@@ -120,5 +120,4 @@ def plot_funnel(stats: dict[str, Any], path: str | os.PathLike) -> None:
     )
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
     storage.write_bytes(path, buf.getvalue())  # whole: a reader never sees half a chart

@@ -133,13 +133,13 @@ def merge_shard(job: ShardJob, source: Source, index: int) -> int:
 def retry_failed(job: ShardJob, source: Source, progress: Any, log: Any) -> int:
     import ray
 
-    from pipeline.data.prepare.run import TASK_CPUS, _dedup_call, _run_tasks, _window
+    from pipeline.data.prepare.run import TASK_CPUS, _dedup_call, _run_tasks
 
     done = sorted(progress.done())
     task = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(retry_shard)
     retried: dict[int, int] = {}
     calls = [(c, lambda c=c: task.remote(job, source, c)) for c in done]
-    _run_tasks(calls, _window(TASK_CPUS), lambda c, n: retried.__setitem__(c, n))
+    _run_tasks(calls, TASK_CPUS, lambda c, n: retried.__setitem__(c, n))
     if needs_dedup(job.cfg):
         lay = job.layout
         forget_listings(lay.root)
@@ -154,7 +154,7 @@ def retry_failed(job: ShardJob, source: Source, progress: Any, log: Any) -> int:
             merge = ray.remote(num_cpus=0.25, max_retries=3)(merge_shard)
             _run_tasks(
                 [(c, lambda c=c: merge.remote(job, source, c)) for c in again],
-                _window(0.25),
+                0.25,
                 lambda c, n: None,
             )
     total = sum(retried.values())
