@@ -262,6 +262,20 @@ def test_tokens_equal_open_clip(model, tmp_path):
     assert ours([]).shape == (0, context_length(model))
 
 
+def test_tokenizers_that_need_torch_are_open_clips_own(tmp_path):
+    """A config whose tokenizer reduces long captions (torch's random masks) is not given the
+    BPE path: open_clip builds it, and its tokens come back as int32 like the others."""
+    config = json.loads((MODEL_CONFIG_DIR / "clip-demo-tiny.json").read_text())
+    config["text_cfg"]["tokenizer_kwargs"] = {"reduction_mask": "shuffle"}
+    model = tmp_path / "reduced.json"
+    model.write_text(json.dumps(config))
+    tokenizer = load_tokenizer(str(model))
+    assert not isinstance(tokenizer, Tokenizer)
+    tokens = tokenizer(CAPTIONS[:3])
+    assert tokens.dtype == np.int32 and tokens.shape == (3, context_length(str(model)))
+    assert tokenizer([]).shape == (0, context_length(str(model)))
+
+
 def test_tokens_of_alive_rows_only():
     tokenizer = load_tokenizer("clip-demo-tiny")
     reasons = [None, None, None, None, "http_404", None, None, None]
