@@ -21,8 +21,8 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.config import DownloadConfig, from_dict
+from pipeline.data import img2dataset_modules
 from pipeline.data.fetch import DEADLINE_FACTOR, _networks, address_allowed, fetch, user_agent
-from pipeline.data.img2dataset_modules import modules as _img2dataset
 
 __all__ = ["DEADLINE_FACTOR", "DownloadStage", "address_allowed", "fetch", "user_agent"]
 
@@ -57,7 +57,7 @@ class ImageResult:
 
 def make_resizer(cfg: DownloadConfig) -> Any:
     # min_image_size=0: size and aspect filters live in pipeline.data.filters, counted there.
-    return _img2dataset()[1].Resizer(
+    return img2dataset_modules.resizer().Resizer(
         image_size=cfg.image_size,
         resize_mode=cfg.resize_mode,
         resize_only_if_bigger=cfg.resize_only_if_bigger,

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from pipeline.config import DownloadConfig
-from pipeline.data.img2dataset_modules import modules as _img2dataset
+from pipeline.data import img2dataset_modules
 
 # A request (all its redirect hops) may take this many per-operation timeouts in total:
 # a server trickling a byte per second cannot hold a thread for long.
@@ -305,10 +305,10 @@ def _get(url: str, cfg: DownloadConfig, deadline: float) -> tuple[bytes | None, 
             transient = resp.status >= 500 or resp.status == 429
             raise _Failure(f"http_{resp.status}", f"{resp.status} {resp.reason}", transient)
         directives = cfg.disallowed_header_directives
-        if directives:
+        if directives and "X-Robots-Tag" in resp.headers:  # is_disallowed's only input
             token = (cfg.user_agent_token or "").strip().lower() or None
             wanted = {d.strip().lower() for d in directives}
-            if _img2dataset()[0].is_disallowed(resp.headers, token, wanted):
+            if img2dataset_modules.downloader().is_disallowed(resp.headers, token, wanted):
                 raise _Failure("opted_out", "use disallowed by an X-Robots-Tag directive")
         if resp.length is not None and resp.length > cfg.max_bytes:
             raise _Failure("too_large", f"Content-Length {resp.length} > {cfg.max_bytes}")

@@ -11,29 +11,39 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 import types
+
+_LOAD = threading.Lock()
 
 
 @functools.cache
-def modules():
-    """img2dataset's downloader and resizer modules, without its package __init__.
+def _module(name: str) -> types.ModuleType:
+    """img2dataset's `name` module, without its package __init__.
 
     ``import img2dataset`` loads its whole CLI (writers, webdataset, torch): 5-15 s in every
-    download actor, for two functions. The two modules are loaded under a bare package
-    instead, which is then removed, so a later ``import img2dataset`` still gets the real one.
+    worker process, for two functions. Each module is loaded under a bare package instead,
+    which is then removed, so a later ``import img2dataset`` still gets the real one.
     albumentations checks PyPI for updates on import unless told not to.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    if "img2dataset" in sys.modules:  # already imported in full
-        from img2dataset import downloader, resizer
+    with _LOAD:
+        if "img2dataset" in sys.modules:  # already imported in full
+            return importlib.import_module(f"img2dataset.{name}")
+        package = types.ModuleType("img2dataset")
+        package.__path__ = list(importlib.util.find_spec("img2dataset").submodule_search_locations)
+        sys.modules["img2dataset"] = package
+        try:
+            return importlib.import_module(f"img2dataset.{name}")
+        finally:
+            del sys.modules["img2dataset"]
 
-        return downloader, resizer
-    package = types.ModuleType("img2dataset")
-    package.__path__ = list(importlib.util.find_spec("img2dataset").submodule_search_locations)
-    sys.modules["img2dataset"] = package
-    try:
-        downloader = importlib.import_module("img2dataset.downloader")
-        resizer = importlib.import_module("img2dataset.resizer")
-    finally:
-        del sys.modules["img2dataset"]
-    return downloader, resizer
+
+def downloader() -> types.ModuleType:
+    """Its X-Robots-Tag parser's module (it imports wandb: loaded only for such a header)."""
+    return _module("downloader")
+
+
+def resizer() -> types.ModuleType:
+    """Its Resizer's module (albumentations, OpenCV)."""
+    return _module("resizer")
