@@ -71,7 +71,10 @@ def _model_config(model: str) -> dict | None:
         path = Path(spec.submodule_search_locations[0]) / "model_configs" / f"{model}.json"
     if ":" in model or not path.is_file():
         return None
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model config {model!r} is not valid JSON: {err}") from err
     # open_clip registers only configs with these keys; for others it falls back itself.
     return config if all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")) else None
 

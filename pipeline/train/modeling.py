@@ -35,7 +35,10 @@ def resolve_model_name(model: str) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"model config {model!r} does not exist")
         if str(path) not in _registered:
-            open_clip.add_model_config(path)
+            try:
+                open_clip.add_model_config(path)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"model config {model!r} is not valid JSON: {err}") from err
             _registered.add(str(path))
         return path.stem
     if model not in open_clip.list_models():

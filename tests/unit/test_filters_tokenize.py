@@ -276,6 +276,14 @@ def test_tokenizers_that_need_torch_are_open_clips_own(tmp_path):
     assert tokenizer([]).shape == (0, context_length(str(model)))
 
 
+@pytest.mark.parametrize("load", [load_tokenizer, resolve_model_name])
+def test_a_broken_model_config_is_named(load, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"embed_dim": 96,')
+    with pytest.raises(ValueError, match=r"model config '.*broken\.json' is not valid JSON"):
+        load(str(broken))
+
+
 def test_tokens_of_alive_rows_only():
     tokenizer = load_tokenizer("clip-demo-tiny")
     reasons = [None, None, None, None, "http_404", None, None, None]
