@@ -10,7 +10,20 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# The project's open_clip model configs (pipeline/models/*.json), registered by name.
+MODEL_CONFIG_DIR = Path(__file__).parent / "models"
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """An open_clip model config file, parsed; one that is not JSON is named in the error."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model config {str(path)!r} is not valid JSON: {err}") from err
+
 
 MIB = 1024 * 1024
 

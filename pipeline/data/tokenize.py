@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import sys
 import types
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-MODEL_CONFIG_DIR = Path(__file__).parent.parent / "models"  # = pipeline.train.modeling's
+from pipeline.config import MODEL_CONFIG_DIR, read_model_config
 
 
 class Tokenizer:
@@ -71,10 +70,7 @@ def _model_config(model: str) -> dict | None:
         path = Path(spec.submodule_search_locations[0]) / "model_configs" / f"{model}.json"
     if ":" in model or not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"model config {model!r} is not valid JSON: {err}") from err
+    config = read_model_config(path)
     # open_clip registers only configs with these keys; for others it falls back itself.
     return config if all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")) else None
 

@@ -17,8 +17,8 @@ import open_clip
 import torch
 
 from pipeline import storage
+from pipeline.config import MODEL_CONFIG_DIR, read_model_config
 
-MODEL_CONFIG_DIR = Path(__file__).parent.parent / "models"
 _registered: set[str] = set()
 
 
@@ -35,10 +35,8 @@ def resolve_model_name(model: str) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"model config {model!r} does not exist")
         if str(path) not in _registered:
-            try:
-                open_clip.add_model_config(path)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"model config {model!r} is not valid JSON: {err}") from err
+            read_model_config(path)  # a broken file is named, not a bare JSONDecodeError
+            open_clip.add_model_config(path)
             _registered.add(str(path))
         return path.stem
     if model not in open_clip.list_models():

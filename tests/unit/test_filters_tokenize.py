@@ -13,10 +13,10 @@ import open_clip
 import pandas as pd
 import pytest
 
-from pipeline.config import FilterConfig
+from pipeline.config import MODEL_CONFIG_DIR, FilterConfig
 from pipeline.data import filters
 from pipeline.data.filters import Deduplicator, build_predicates, filter_batch
-from pipeline.data.tokenize import MODEL_CONFIG_DIR, Tokenizer, load_tokenizer, tokens_of_alive
+from pipeline.data.tokenize import Tokenizer, load_tokenizer, tokens_of_alive
 from pipeline.train.modeling import context_length, resolve_model_name
 
 CFG = FilterConfig(
